@@ -1,0 +1,355 @@
+"""The (φ, ψ, μ) triple, the Monte Carlo reduction ``φ(mean_i w_i ψ(t_i))`` shared by the
+Hessian-based estimator and the zeroth-order objective, and the presets of the paper's Table 1
+with their spectral closed forms.
+
+Reference: Tahmasebi et al., "On Scale-Invariant Sharpness Measures", Definition 1, Table 1;
+conventions in MATH.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from phipsimu import _mu
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """A sharpness measure ``S(x) = φ(∫ ψ(vᵀ∇²L(x)v) dμ(v))`` (Definition 1).
+
+    Immutable and hashable, so it can be a static argument of ``jax.jit``. Two presets built
+    with the same arguments compare equal.
+
+    Attributes:
+      phi: φ, a JAX-traceable function of the integral (a scalar, or a vector when ψ is
+        vector-valued). Called as ``phi(t)``, or ``phi(t, d)`` when ``phi_uses_dim``.
+      psi: ψ, a JAX-traceable function of a scalar quadratic form; may return a vector of
+        length k (then φ takes a length-k vector), as the Frobenius preset does.
+      mu: a sampler from ``phipsimu.mu``.
+      phi_uses_dim: whether φ (and ``log_phi``) take the dimension d of the perturbed
+        parameters as a second argument, e.g. the determinant's ``(2π)^d``.
+      log_psi: optional ``log ψ``; with ``log_phi`` it makes the reduction run in log space
+        (needed when the weights or ψ over- or underflow, as for the determinant).
+      log_phi: optional ``log φ`` as a function of ``log t`` (and ``d`` if ``phi_uses_dim``).
+      phi_unbiased: optional ``(mean_psi, num_samples) -> value``, an unbiased replacement for
+        the plug-in ``φ(mean ψ)`` where one exists (the Frobenius variance).
+      spectral: optional closed form of S as a function of the Hessian eigenvalues restricted
+        to the perturbed coordinates (used by ``exact_sharpness`` and the tests).
+      log_spectral: optional closed form of ``log S`` from the eigenvalues.
+      name: a short label for tables and reprs.
+    """
+
+    phi: Callable[..., Any]
+    psi: Callable[[Any], Any]
+    mu: _mu.Sampler
+    phi_uses_dim: bool = False
+    log_psi: Callable[[Any], Any] | None = None
+    log_phi: Callable[..., Any] | None = None
+    phi_unbiased: Callable[[Any, int], Any] | None = None
+    spectral: Callable[[jax.Array], jax.Array] | None = None
+    log_spectral: Callable[[jax.Array], jax.Array] | None = None
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for field in ("phi", "psi"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"{field}={getattr(self, field)!r}: must be a callable")
+        if not isinstance(self.mu, _mu.Sampler):
+            raise TypeError(
+                f"mu={self.mu!r}: must be a sampler from phipsimu.mu (e.g. phipsimu.mu.sphere())"
+            )
+        if (self.log_psi is None) != (self.log_phi is None):
+            raise ValueError(
+                "log_psi and log_phi: give both (log-space reduction) or neither, got "
+                f"log_psi={self.log_psi!r}, log_phi={self.log_phi!r}"
+            )
+
+    @property
+    def log_space(self) -> bool:
+        """Whether the reduction runs in log space."""
+        return self.log_psi is not None
+
+    def apply_phi(self, t: Any, d: int) -> jax.Array:
+        """φ(t), passing d when φ needs it."""
+        return self.phi(t, d) if self.phi_uses_dim else self.phi(t)
+
+    def apply_log_phi(self, log_t: Any, d: int) -> jax.Array:
+        """log φ as a function of log t."""
+        return self.log_phi(log_t, d) if self.phi_uses_dim else self.log_phi(log_t)
+
+
+class Reduction(NamedTuple):
+    """``φ(mean_i w_i ψ(t_i))`` with its diagnostics."""
+
+    value: jax.Array
+    stderr: jax.Array
+    log_value: jax.Array
+    ess: jax.Array
+
+
+def _std_mean(x: jax.Array) -> jax.Array:
+    """Standard error of the mean of ``x`` along axis 0 (NaN for a single sample)."""
+    m = x.shape[0]
+    if m < 2:
+        return jnp.full(x.shape[1:], jnp.nan, x.dtype)
+    return jnp.std(x, axis=0, ddof=1) / math.sqrt(m)
+
+
+def ess(log_weight: jax.Array) -> jax.Array:
+    """Effective sample size ``(Σw)²/Σw²`` of importance weights, computed in log space."""
+    lse = jax.scipy.special.logsumexp
+    return jnp.exp(2.0 * lse(log_weight) - lse(2.0 * log_weight))
+
+
+def reduce(
+    measure: Measure, t: jax.Array, log_weight: jax.Array, d: int, *, with_stats: bool = True
+) -> Reduction:
+    """Estimate ``φ(∫ ψ(t(v)) dμ(v))`` from draws ``t_i = t(v_i)`` with weights ``log w_i``.
+
+    The standard error is the delta method through φ: ``|∇φ(ȳ)|``-weighted standard error of
+    the mean of ``y_i = w_i ψ(t_i)``. For nonlinear φ the plug-in estimate is biased by
+    O(1/m). In log space (``measure.log_space``) ``log ȳ`` is a ``logsumexp`` and the error is
+    propagated through ``log φ``; ``log_value`` is then exact where ``value`` would overflow.
+
+    The effective sample size is ``(Σu)²/Σu²`` with ``u_i = w_i`` in the linear path and
+    ``u_i = w_i ψ(t_i)`` in log space (where ψ > 0, so ``ψ dμ`` is the measure being
+    importance-sampled and the ESS shows how well the proposal matches the integrand).
+
+    Args:
+      measure: the (φ, ψ, μ) triple.
+      t: shape ``(m,)``, the quadratic forms (or finite-difference curvatures).
+      log_weight: shape ``(m,)``, ``log(dμ/dq)`` at each draw.
+      d: the dimension of the perturbed parameters.
+      with_stats: compute stderr and ESS (skip them inside objectives).
+    """
+    m = t.shape[0]
+    nan = jnp.full((), jnp.nan, t.dtype)
+    if measure.log_space:
+        ell = log_weight + measure.log_psi(t)
+        log_mean = jax.scipy.special.logsumexp(ell) - math.log(m)
+        log_value = measure.apply_log_phi(log_mean, d)
+        value = jnp.exp(log_value)
+        if not with_stats:
+            return Reduction(value, nan, log_value, nan)
+        z = jnp.exp(ell - jax.lax.stop_gradient(jnp.max(ell)))
+        rel = _std_mean(z) / jnp.mean(z)
+        slope = jax.grad(lambda s: measure.apply_log_phi(s, d))(log_mean)
+        stderr_log = jnp.abs(slope) * rel
+        # ψ > 0 here, so w·ψ are the importance weights of the target measure ψ dμ: their
+        # ESS shows how well the proposal matches the integrand, not just μ.
+        return Reduction(value, value * stderr_log, log_value, ess(ell))
+
+    y = jax.vmap(measure.psi)(t)
+    w = jnp.exp(log_weight).reshape((m,) + (1,) * (y.ndim - 1))
+    y = w * y
+    mean = jnp.mean(y, axis=0)
+
+    def phi(s):
+        if measure.phi_unbiased is not None:
+            return measure.phi_unbiased(s, m)
+        return measure.apply_phi(s, d)
+
+    value = jnp.asarray(phi(mean))
+    log_value = jnp.log(value)
+    if not with_stats:
+        return Reduction(value, nan, log_value, nan)
+    grad = jax.grad(phi)(mean)
+    proj = jnp.reshape(y - mean, (m, -1)) @ jnp.reshape(grad, (-1,))
+    stderr = _std_mean(proj)
+    return Reduction(value, stderr, log_value, ess(log_weight))
+
+
+# ---------------------------------------------------------------- presets (Table 1)
+
+
+def _identity(t):
+    return t
+
+
+def _mean(eigs):
+    return jnp.mean(eigs)
+
+
+def trace(*, mask: Any = None) -> Measure:
+    """Tr(H)/d: φ(t) = t, ψ(t) = t, μ = Uniform(S^{d−1}) (Table 1, row 1; §4.1).
+
+    The explicit bias of the average-perturbation objective (Wen et al.).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p**2)
+      >>> est = phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=64)(
+      ...     jnp.ones(2), key=jax.random.key(0))
+      >>> bool(abs(est.value - 2.0) < 4 * est.stderr + 1e-6)
+      True
+    """
+    return Measure(_identity, _identity, _mu.sphere(mask=mask), spectral=_mean, name="trace")
+
+
+def _det_phi(t, d):
+    return jnp.exp(d * _LOG_2PI) / t**2
+
+
+def _det_log_phi(log_t, d):
+    return d * _LOG_2PI - 2.0 * log_t
+
+
+def _det_psi(t):
+    # ∫exp(−½vᵀHv)dv diverges unless H is positive definite; a probe with vᵀHv <= 0
+    # certifies that, and the estimate becomes NaN rather than a finite wrong number.
+    return jnp.where(t > 0, jnp.exp(-0.5 * t), jnp.nan)
+
+
+def _det_log_psi(t):
+    return jnp.where(t > 0, -0.5 * t, jnp.nan)
+
+
+def _det_log_spectral(eigs):
+    # Eigenvalues within rounding of zero (d·eps·max|λ|) count as zero: a singular PSD Hessian
+    # (any zero-loss manifold) has det = 0 exactly, not a tiny negative or positive number.
+    tol = eigs.shape[0] * jnp.finfo(eigs.dtype).eps * jnp.max(jnp.abs(eigs))
+    lam_min = jnp.min(eigs)
+    logdet = jnp.sum(jnp.log(jnp.where(eigs > tol, eigs, 1.0)))
+    return jnp.where(lam_min > tol, logdet, jnp.where(lam_min >= -tol, -jnp.inf, jnp.nan))
+
+
+def _det_spectral(eigs):
+    return jnp.exp(_det_log_spectral(eigs))
+
+
+def determinant(*, scale: float = 1.0, mask: Any = None) -> Measure:
+    """det(H): φ(t) = (2π)^d/t², ψ(t) = exp(−t/2), μ = Lebesgue on R^d (Table 1; §4.2).
+
+    Evaluated in log space, ``log S = d·log 2π − 2·log ∫exp(−½vᵀHv)dv``, so ``log_value`` is
+    finite where ``value`` over- or underflows. The integral converges only for positive
+    definite H. Meaning of the results:
+
+    * a probe with ``vᵀHv <= 0`` proves H is not positive definite: value and log_value
+      are NaN;
+    * the closed form (``exact_sharpness``) gives ``log S = −inf`` (S = 0) for a singular
+      positive semi-definite H (eigenvalues within ``d·eps·max|λ|`` of zero count as zero),
+      where the integral diverges, and NaN for an indefinite H;
+    * Monte Carlo cannot see a singular or indefinite direction that no probe hits: watch
+      ``Estimate.ess``, which collapses when the proposal is poorly matched.
+
+    Args:
+      scale: standard deviation of the Gaussian proposal for the Lebesgue measure. Choose
+        about ``1/sqrt(λ)`` for the Hessian's typical eigenvalue λ.
+      mask: which leaves to perturb.
+    """
+    return Measure(
+        _det_phi,
+        _det_psi,
+        _mu.lebesgue(scale=scale, mask=mask),
+        phi_uses_dim=True,
+        log_psi=_det_log_psi,
+        log_phi=_det_log_phi,
+        spectral=_det_spectral,
+        log_spectral=_det_log_spectral,
+        name="determinant",
+    )
+
+
+def gaussian_moments(eigs: jax.Array, n: int) -> jax.Array:
+    """``E[(gᵀHg)^n]`` for g ~ N(0, I) from the eigenvalues of H.
+
+    Uses the cumulants ``κ_k = 2^{k−1}(k−1)! Tr(H^k)`` and the moment recursion
+    ``m_n = Σ_k C(n−1, k−1) κ_k m_{n−k}``.
+    """
+    kappa = [None] + [
+        2.0 ** (k - 1) * math.factorial(k - 1) * jnp.sum(eigs**k) for k in range(1, n + 1)
+    ]
+    moments = [jnp.ones((), eigs.dtype)]
+    for j in range(1, n + 1):
+        moments.append(
+            sum(math.comb(j - 1, k - 1) * kappa[k] * moments[j - k] for k in range(1, j + 1))
+        )
+    return moments[n]
+
+
+def sphere_moment(eigs: jax.Array, n: int) -> jax.Array:
+    """``p(λ) = E_sphere[(vᵀHv)^n] = E_gauss[(gᵀHg)^n] / ∏_{j<n}(d + 2j)`` (MATH.md)."""
+    d = eigs.shape[0]
+    return gaussian_moments(eigs, n) / math.prod(d + 2 * j for j in range(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Power:
+    n: int
+
+    def __call__(self, t):
+        return t**self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class _SphereMomentClosedForm:
+    n: int
+    phi: Callable[[Any], Any]
+
+    def __call__(self, eigs):
+        return self.phi(sphere_moment(eigs, self.n))
+
+
+def eigen_moment(n: int, *, phi: Callable[[Any], Any] = _identity, mask: Any = None) -> Measure:
+    """φ(p(λ)) with ψ(t) = tⁿ, μ = Uniform(S^{d−1}) (Table 1, row 3; §4.3).
+
+    ``p(λ) = E_sphere[(Σᵢ λᵢ vᵢ²)ⁿ]``; for n = 2, ``(Tr(H)² + 2 Tr(H²)) / (d(d+2))``.
+
+    Args:
+      n: the power, an int >= 1.
+      phi: any JAX-traceable scalar function (default: identity).
+      mask: which leaves to perturb.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r}: must be an int >= 1")
+    if not callable(phi):
+        raise TypeError(f"phi={phi!r}: must be a callable")
+    return Measure(
+        phi,
+        _Power(n),
+        _mu.sphere(mask=mask),
+        spectral=_SphereMomentClosedForm(n, phi),
+        name=f"eigen_moment_{n}",
+    )
+
+
+def _frob_psi(t):
+    return jnp.stack([t, t**2])
+
+
+def _frob_phi(s):
+    return 0.5 * (s[1] - s[0] ** 2)
+
+
+def _frob_phi_unbiased(s, m):
+    # The plug-in mean(t²) − mean(t)² is the variance with denominator m; rescale to m − 1.
+    return _frob_phi(s) * (m / (m - 1)) if m > 1 else jnp.full((), jnp.nan, s.dtype)
+
+
+def _frob_spectral(eigs):
+    return jnp.sum(eigs**2)
+
+
+def frobenius(*, mask: Any = None) -> Measure:
+    """‖H‖_F² with a vector-valued ψ: ψ(t) = (t, t²), φ(a, b) = (b − a²)/2, μ = N(0, I).
+
+    ``E[(gᵀHg)²] = Tr(H)² + 2‖H‖_F²`` so ``Var[gᵀHg]/2 = ‖H‖_F²`` (MATH.md). The estimate
+    uses the unbiased sample variance (denominator m − 1), not the plug-in, which is biased
+    by (m − 1)/m. Needs at least 2 samples.
+    """
+    return Measure(
+        _frob_phi,
+        _frob_psi,
+        _mu.gaussian(mask=mask),
+        phi_unbiased=_frob_phi_unbiased,
+        spectral=_frob_spectral,
+        name="frobenius",
+    )

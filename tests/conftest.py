@@ -1,0 +1,64 @@
+"""Shared fixtures: small models whose Hessians are known or cheap to form densely."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def random_spd(seed: int, d: int, low: float = 0.5, high: float = 3.0) -> np.ndarray:
+    """A random symmetric positive-definite matrix with eigenvalues in [low, high]."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return (q * rng.uniform(low, high, size=d)) @ q.T
+
+
+def quadratic_loss(a: np.ndarray):
+    """L(x) = ½ xᵀAx over a pytree {"u": first half, "w": rest}; its Hessian is A."""
+    a = jnp.asarray(a)
+    k = a.shape[0] // 2
+
+    def loss(params):
+        x = jnp.concatenate([params["u"].ravel(), params["w"].ravel()])
+        return 0.5 * x @ a @ x
+
+    params = {"u": jnp.ones(k, a.dtype), "w": jnp.ones(a.shape[0] - k, a.dtype)}
+    return loss, params
+
+
+def init_mlp(key, sizes):
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        key, k1, k2 = jax.random.split(key, 3)
+        params.append(
+            {
+                "w": jax.random.normal(k1, (fan_in, fan_out)) / np.sqrt(fan_in),
+                "b": 0.1 * jax.random.normal(k2, (fan_out,)),
+            }
+        )
+    return params
+
+
+def mlp_loss(params, x, y):
+    h = x
+    for layer in params[:-1]:
+        h = jnp.tanh(h @ layer["w"] + layer["b"])
+    out = h @ params[-1]["w"] + params[-1]["b"]
+    return jnp.mean((out - y) ** 2)
+
+
+@pytest.fixture
+def small_mlp():
+    """A 3-5-2 tanh MLP (d = 32) with a batch of 8, and a dense reference Hessian."""
+    key = jax.random.key(0)
+    params = init_mlp(key, [3, 5, 2])
+    x = jax.random.normal(jax.random.key(1), (8, 3))
+    y = jax.random.normal(jax.random.key(2), (8, 2))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    hess = jax.hessian(lambda z: mlp_loss(unravel(z), x, y))(flat)
+    return params, x, y, np.asarray(hess, dtype=np.float64)
+
+
+def example1(x):
+    """The paper's Example 1: L = x₁²x₂² − 2x₁x₂ + 1."""
+    return x[0] ** 2 * x[1] ** 2 - 2 * x[0] * x[1] + 1

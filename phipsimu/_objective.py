@@ -1,0 +1,207 @@
+"""The (φ, ψ, μ)-sharpness-aware loss: eq. (10) of the paper with the factor of MATH.md.
+
+.. math::
+   L_{(\\phi,\\psi,\\mu)}(x) = L(x) + s\\,\\rho^2\\,
+   \\phi\\Big(\\frac1m\\sum_i w_i\\,\\psi\\Big(\\frac{2(L(x+\\rho v_i) - L(x))}{\\rho^2}\\Big)\\Big)
+
+With the factor 2 the leading term of ``(L_(φ,ψ,μ) − L)/ρ²`` at a minimum is S(x; φ, ψ, μ)
+itself (the paper's eq. (10) without it converges to ``φ(∫ψ(½vᵀHv)dμ)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from phipsimu import _checks, _curvature, _measure, _mu, _tree
+
+PyTree = Any
+
+
+def validate(
+    measure: Any,
+    *,
+    rho: Any,
+    num_samples: Any,
+    strength: Any,
+    antithetic: bool,
+    eta: Any,
+    batch_size: Any,
+) -> None:
+    """Construction-time checks shared by the loss and the optax transforms."""
+    if not isinstance(measure, _measure.Measure):
+        raise TypeError(
+            f"measure={measure!r}: must be a phipsimu.Measure (e.g. phipsimu.measures.trace())"
+        )
+    _checks.real("rho", rho, lo=0.0, strict=True)
+    _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased else 1)
+    if antithetic and num_samples % 2:
+        raise ValueError(
+            f"num_samples={num_samples}: antithetic=True pairs each v with −v and needs an "
+            "even number of samples"
+        )
+    if antithetic and measure.phi_unbiased is not None and num_samples < 4:
+        raise ValueError(f"num_samples={num_samples}: must be >= 4 with antithetic=True here")
+    _checks.real("strength", strength, lo=0.0, strict=False)
+    _checks.real("eta", eta, lo=0.0, strict=False)
+    if batch_size is not None:
+        _checks.integer("batch_size", batch_size, lo=1)
+
+
+def sharpness_term(
+    value_fn: Callable[[PyTree], jax.Array],
+    measure: _measure.Measure,
+    params: PyTree,
+    base: jax.Array,
+    key: jax.Array,
+    *,
+    rho: Any,
+    num_samples: int,
+    antithetic: bool,
+    adaptive: bool,
+    eta: Any,
+    batch_size: int | None,
+) -> jax.Array:
+    """``ρ² φ(mean_i w_i ψ(Δ_i))`` with the finite-difference curvatures ``Δ_i``.
+
+    ``Δ_i = 2(L(x + ρv_i) − L(x))/ρ²``, or with ``antithetic`` the symmetric difference
+    ``(L(x + ρv_i) + L(x − ρv_i) − 2L(x))/ρ²`` over ``num_samples/2`` draws and their negations.
+    With ``adaptive`` the perturbation is ``ρ T_x v`` with ``T_x = |x| + eta``.
+    Differentiable in ``params`` (through the perturbed losses, ``base`` and ``T_x``).
+    """
+    perturbed = measure.mu.perturbed(params)
+    d = measure.mu.dim(params)
+    draws = num_samples // 2 if antithetic else num_samples
+    v, log_w = measure.mu.sample(key, params, draws)
+    if adaptive:
+        t = _curvature.adaptive_metric(params, eta, perturbed)
+        v = jax.tree_util.tree_map(lambda ti, vi: (vi * ti).astype(vi.dtype), t, v)
+    chunk = _curvature.DEFAULT_CHUNK if batch_size is None else batch_size
+    chunk = None if chunk >= draws else chunk
+
+    def shifted(sign: float) -> jax.Array:
+        return _tree.batched_map(lambda vi: value_fn(_tree.axpy(sign * rho, vi, params)), v, chunk)
+
+    if antithetic:
+        delta = (shifted(1.0) + shifted(-1.0) - 2.0 * base) / rho**2
+    else:
+        delta = 2.0 * (shifted(1.0) - base) / rho**2
+    r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, d, with_stats=False)
+    return rho**2 * r.value
+
+
+def sharpness_aware_loss(
+    loss_fn: Callable[..., Any],
+    measure: _measure.Measure,
+    *,
+    rho: float,
+    num_samples: int,
+    strength: float = 1.0,
+    antithetic: bool = False,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    batch_size: int | None = None,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """The (φ, ψ, μ)-sharpness-aware loss (eq. 10, with the factor 2 of MATH.md).
+
+    .. math::
+       L_{(\\phi,\\psi,\\mu)}(x) = L(x) + s\\,\\rho^2\\,\\phi\\Big(\\frac1m \\sum_i w_i\\,
+       \\psi\\big(2(L(x+\\rho v_i)-L(x))/\\rho^2\\big)\\Big),\\quad v_i, \\log w_i \\sim \\mu
+
+    At a minimum ``(L_(φ,ψ,μ)(x) − L(x))/ρ² → s·S(x; φ, ψ, μ)`` as ρ → 0 with error O(ρ).
+    Its gradient (what ``jax.grad`` returns) is the universal-SAM update
+    ``∇L + s·φ'(·)·mean_i w_i ψ'(Δ_i)·2(∇L(x+ρv_i) − ∇L(x))``.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args)`` returning a scalar, or ``(scalar, aux)`` with
+        ``has_aux=True``.
+      measure: a :class:`phipsimu.Measure`; its sampler draws the perturbations.
+      rho: perturbation radius ρ > 0.
+      num_samples: perturbations m per evaluation (even with ``antithetic``).
+      strength: s >= 0, the weight of the sharpness term.
+      antithetic: pair each v with −v and use ``(L(x+ρv) + L(x−ρv) − 2L(x))/ρ²``: the
+        first-order term cancels exactly. For linear ψ and φ and a symmetric μ this has the
+        same expectation as the paper's objective (less variance); for nonlinear ψ or φ it
+        differs where ∇L ≠ 0 (away from minima), and has the same ρ → 0 limit at minima.
+        Assumes μ and its proposal are symmetric under v → −v.
+      adaptive: perturb as ``x + ρ T_x v`` with ``T_x = |x| + eta`` (ASAM's metric): the
+        limit becomes S measured on ``T_x H T_x``, invariant to rescaling symmetries.
+      eta: the metric floor (>= 0).
+      batch_size: perturbed losses evaluated at once (chunked ``vmap``); ``None`` = 4.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; aux comes from the clean pass at x (as
+        SAM implementations do for BatchNorm statistics).
+
+    Returns:
+      ``objective(params, *args, key)`` returning the scalar (or ``(scalar, aux)``); pure,
+      jit-able and differentiable with ``jax.grad`` / ``jax.value_and_grad``.
+
+    Notes:
+      Determinant preset: ψ is NaN for Δ <= 0 (the Lebesgue integral then diverges), so the
+      objective is NaN wherever a perturbation lowers the loss, e.g. away from a minimum.
+      On a zero-loss manifold (Example 1) det H = 0 and the Lebesgue integral of the
+      perturbed loss diverges, so S = 0: in float32, rounding makes some Δ <= 0 there and
+      the objective is NaN; in float64 the Monte Carlo term is finite but collapses toward
+      0 as the proposal widens instead of converging. Use it only near strict minima.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> obj = phipsimu.sharpness_aware_loss(
+      ...     loss, phipsimu.measures.trace(), rho=0.05, num_samples=4)
+      >>> g = jax.grad(obj)(jnp.ones(3), key=jax.random.key(0))
+      >>> g.shape
+      (3,)
+
+    Reference: Tahmasebi et al., eq. (10) and Theorem 2; MATH.md "Eq. (10)".
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn={loss_fn!r}: must be a callable loss_fn(params, *args)")
+    validate(
+        measure,
+        rho=rho,
+        num_samples=num_samples,
+        strength=strength,
+        antithetic=antithetic,
+        eta=eta,
+        batch_size=batch_size,
+    )
+
+    def objective(params: PyTree, *args: Any, key: jax.Array) -> Any:
+        _mu.check_key(key)
+        if has_aux:
+            out = jax.eval_shape(loss_fn, params, *args)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise ValueError(f"loss_fn: with has_aux=True must return (loss, aux), got {out!r}")
+            _curvature.check_scalar_loss(lambda *a: loss_fn(*a)[0], params, args)
+            base, aux = loss_fn(params, *args)
+
+            def value_fn(p):
+                return loss_fn(p, *args)[0]
+        else:
+            _curvature.check_scalar_loss(loss_fn, params, args)
+            base = loss_fn(params, *args)
+
+            def value_fn(p):
+                return loss_fn(p, *args)
+
+        term = sharpness_term(
+            value_fn,
+            measure,
+            params,
+            base,
+            key,
+            rho=rho,
+            num_samples=num_samples,
+            antithetic=antithetic,
+            adaptive=adaptive,
+            eta=eta,
+            batch_size=batch_size,
+        )
+        total = base + jnp.asarray(strength, base.dtype) * term.astype(base.dtype)
+        return (total, aux) if has_aux else total
+
+    return objective

@@ -1,0 +1,253 @@
+"""optax gradient transformations: the (φ, ψ, μ)-sharpness-aware update and the baselines
+SAM, ASAM, Frob-SAM and random-perturbation SAM.
+
+All take the loss through the keyword-only extra argument ``value_fn(params) -> scalar``
+(the optax line-search convention) and ignore other extra arguments::
+
+    tx = optax.chain(phipsimu.sharpness_aware(phipsimu.measures.trace(), rho=0.05,
+                                              num_samples=4), optax.sgd(0.1))
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss(p, batch))
+
+NaN: no transform blends branches arithmetically, so a NaN loss or gradient gives NaN
+updates (never silently zeroed or finite); wrap the chain in ``optax.apply_if_finite`` to
+skip such steps. A finite loss with a zero gradient gives finite updates.
+
+Data parallel: with ``axis_name`` (inside ``pmap``/``shard_map``/``vmap`` with that axis),
+``sync=True`` (default) uses the same perturbation on every device (for SAM: the gradient
+is ``pmean``-ed before normalising) and ``sync=False`` keeps perturbations per device
+(m-sharpness); in both cases the returned updates are ``pmean``-ed so replicas stay equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from phipsimu import _checks, _curvature, _measure, _objective, _tree
+
+PyTree = Any
+
+
+class SharpnessAwareState(NamedTuple):
+    """State of :func:`sharpness_aware`: the PRNG key (raw ``uint32[2]``, so it survives a
+    numpy round trip) for the next step's perturbations."""
+
+    rng_key: jax.Array
+
+
+def _value_fn_or_raise(value_fn: Any, params: PyTree) -> Callable[[PyTree], jax.Array]:
+    if value_fn is None:
+        raise TypeError(
+            "value_fn: missing; call tx.update(updates, state, params, "
+            "value_fn=lambda p: loss(p, batch))"
+        )
+    if not callable(value_fn):
+        raise TypeError(f"value_fn={value_fn!r}: must be a callable params -> scalar loss")
+    if params is None:
+        raise ValueError("params: required by this transformation (pass the current params)")
+    out = jax.eval_shape(value_fn, params)
+    if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"value_fn: must return a real floating-point scalar loss, got {out!r}")
+    return value_fn
+
+
+def _check_axis(axis_name: Any) -> None:
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise TypeError(f"axis_name={axis_name!r}: must be a str (the mapped axis) or None")
+
+
+def _pmean(tree: PyTree, axis_name: str | None) -> PyTree:
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def sharpness_aware(
+    measure: _measure.Measure,
+    *,
+    rho: float,
+    num_samples: int,
+    strength: float = 1.0,
+    antithetic: bool = False,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    axis_name: str | None = None,
+    sync: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """Add the gradient of the (φ, ψ, μ) sharpness term (eq. 10) to the incoming updates.
+
+    .. math:: u \\leftarrow u + s\\,\\nabla_x\\,\\rho^2\\phi\\Big(\\frac1m\\sum_i w_i
+       \\psi\\big(2(L(x+\\rho v_i)-L(x))/\\rho^2\\big)\\Big)
+
+    With ``updates = ∇L(x)`` the result is the gradient of
+    :func:`phipsimu.sharpness_aware_loss`. Perturbations are drawn from ``measure.mu`` with
+    a key kept in the state (split every step).
+
+    Args:
+      measure: a :class:`phipsimu.Measure`.
+      rho, num_samples, strength, antithetic, adaptive, eta, batch_size: as in
+        :func:`phipsimu.sharpness_aware_loss`.
+      seed: seed of the perturbation key.
+      axis_name, sync: data-parallel behaviour (module docs).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
+      value_fn, **extra_args)``.
+    """
+    _objective.validate(
+        measure,
+        rho=rho,
+        num_samples=num_samples,
+        strength=strength,
+        antithetic=antithetic,
+        eta=eta,
+        batch_size=batch_size,
+    )
+    _checks.real("seed", seed, lo=0, strict=False)
+    _check_axis(axis_name)
+
+    def init_fn(params: PyTree) -> SharpnessAwareState:
+        del params
+        return SharpnessAwareState(rng_key=jax.random.PRNGKey(seed))
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        del extra_args
+        value_fn = _value_fn_or_raise(value_fn, params)
+        rng_key, key = jax.random.split(state.rng_key)
+        if axis_name is not None and not sync:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+        def term(p):
+            return _objective.sharpness_term(
+                value_fn,
+                measure,
+                p,
+                value_fn(p),
+                key,
+                rho=rho,
+                num_samples=num_samples,
+                antithetic=antithetic,
+                adaptive=adaptive,
+                eta=eta,
+                batch_size=batch_size,
+            )
+
+        grad = _pmean(jax.grad(term)(params), axis_name)
+        new = jax.tree_util.tree_map(lambda u, g: (u + strength * g).astype(u.dtype), updates, grad)
+        return new, SharpnessAwareState(rng_key=rng_key)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sam(
+    *,
+    rho: float,
+    eta: float = 0.0,
+    adaptive: bool = False,
+    axis_name: str | None = None,
+    sync: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """SAM and ASAM: replace the updates by the gradient at the adversarial point.
+
+    SAM (Foret et al., 2021): ``ε = ρ g/‖g‖``; ASAM (Kwon et al., 2021, ``adaptive=True``):
+    ``ε = ρ T² g/‖T g‖`` with ``T = |w| + eta``. Here ``g`` is the incoming ``updates``
+    (the gradient of ``value_fn`` at ``params``) and the output is ``∇value_fn(params + ε)``.
+    A zero gradient gives ``ε = 0`` (no NaN, unlike a plain ``g/‖g‖``); ``rho=0`` gives
+    exactly the base optimizer's step. Chain it before the base optimizer:
+    ``optax.chain(phipsimu.sam(rho=0.05), optax.sgd(0.1))``.
+
+    Args:
+      rho: radius ρ >= 0.
+      eta: ASAM's floor (>= 0).
+      adaptive: ASAM instead of SAM.
+      axis_name, sync: data-parallel behaviour (module docs).
+    """
+    _checks.real("rho", rho, lo=0.0, strict=False)
+    _checks.real("eta", eta, lo=0.0, strict=False)
+    _check_axis(axis_name)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        del extra_args
+        value_fn = _value_fn_or_raise(value_fn, params)
+        g = updates
+        if axis_name is not None and sync:
+            g = jax.lax.pmean(g, axis_name)
+        if adaptive:
+            t = _curvature.adaptive_metric(params, eta, _tree.perturbed_leaves(params))
+            tg = _tree.mul(t, g)
+            direction = _tree.mul(t, tg)
+            norm = jnp.sqrt(_tree.sq_norm(tg))
+        else:
+            direction = g
+            norm = jnp.sqrt(_tree.sq_norm(g))
+        # ‖g‖ = 0 only when g = 0: dividing 0 by 1 gives ε = 0; NaN stays NaN (NaN > 0 is
+        # false, so the numerator's NaN propagates).
+        safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+        adv = _tree.axpy(rho / safe, direction, params)
+        new = _pmean(jax.grad(value_fn)(adv), axis_name)
+        new = jax.tree_util.tree_map(lambda n, u: n.astype(u.dtype), new, updates)
+        return new, state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def frobenius_sam(
+    *,
+    rho: float,
+    num_samples: int,
+    strength: float,
+    seed: int = 0,
+    antithetic: bool = False,
+    axis_name: str | None = None,
+    sync: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """Frob-SAM: add the gradient of ``strength/(2ρ²)·Var_v L(x + ρv)``, v ~ N(0, I).
+
+    The Frobenius preset in eq. (10) gives ``ρ²·s·½·Var[2(L(x+ρv) − L(x))/ρ²]
+    = (2s/ρ²)·Var_v L(x+ρv)``, so Frob-SAM's λ = ``strength`` maps to ``s = strength/4``.
+    The variance is the unbiased sample variance (needs ``num_samples >= 2``). Its leading
+    term at a minimum is ``strength/4 · ρ² · ‖H‖_F²``.
+    """
+    _checks.real("strength", strength, lo=0.0, strict=False)
+    return sharpness_aware(
+        _measure.frobenius(),
+        rho=rho,
+        num_samples=num_samples,
+        strength=strength / 4.0,
+        antithetic=antithetic,
+        seed=seed,
+        axis_name=axis_name,
+        sync=sync,
+    )
+
+
+def random_sam(
+    *,
+    rho: float,
+    num_samples: int,
+    seed: int = 0,
+    antithetic: bool = False,
+    axis_name: str | None = None,
+    sync: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """Random-perturbation (average-direction) SAM: the gradient of
+    ``L_AVG(x) = E_{v ~ Uniform(S^{d−1})} L(x + ρv)`` (the paper's eq. 3).
+
+    Implemented as the trace preset with strength ½: ``L + ρ²·½·mean 2(L(x+ρv) − L(x))/ρ²
+    = mean L(x+ρv)``, so with ``updates = ∇L`` the output is ``mean_i ∇L(x + ρv_i)``. Its
+    explicit bias is Tr(H)/d (Wen et al.).
+    """
+    return sharpness_aware(
+        _measure.trace(),
+        rho=rho,
+        num_samples=num_samples,
+        strength=0.5,
+        antithetic=antithetic,
+        seed=seed,
+        axis_name=axis_name,
+        sync=sync,
+    )

@@ -5,9 +5,26 @@ Reference: Tahmasebi, Soleymani, Jegelka, Jaillet, "On Scale-Invariant Sharpness
 
 from phipsimu import measures, mu
 from phipsimu._curvature import hvp
-from phipsimu._estimate import MAX_DENSE_DIM, Estimate, exact_sharpness, sharpness
+from phipsimu._estimate import (
+    MAX_DENSE_DIM,
+    Estimate,
+    dataset_sharpness,
+    exact_sharpness,
+    sharpness,
+)
 from phipsimu._measure import Measure
 from phipsimu._objective import sharpness_aware_loss
+from phipsimu._spectral import (
+    EigenResult,
+    SpectralDensity,
+    hessian_trace,
+    layer_blocks,
+    log_determinant,
+    power_iteration,
+    spectral_density,
+    top_eigenvalues,
+    trace_function,
+)
 from phipsimu._transforms import (
     SharpnessAwareState,
     frobenius_sam,
@@ -20,17 +37,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_DENSE_DIM",
+    "EigenResult",
     "Estimate",
     "Measure",
     "SharpnessAwareState",
+    "SpectralDensity",
+    "dataset_sharpness",
     "exact_sharpness",
     "frobenius_sam",
+    "hessian_trace",
     "hvp",
+    "layer_blocks",
+    "log_determinant",
     "measures",
     "mu",
+    "power_iteration",
     "random_sam",
     "sam",
     "sharpness",
     "sharpness_aware",
     "sharpness_aware_loss",
+    "spectral_density",
+    "top_eigenvalues",
+    "trace_function",
 ]

@@ -136,3 +136,146 @@ def quadratic_forms(
         return jax.jvp(directional, (active,), (vi,))[1]
 
     return _tree.batched_map(one, _active(v, perturbed), None if chunk >= num else chunk)
+
+
+# ---------------------------------------------------------------- full-dataset accumulation
+#
+# The Hessian of the dataset's mean loss is the batch-size-weighted mean of the batches'
+# Hessians, so HVPs and quadratic forms are accumulated as Σ n_b·(∇²L_b)v / Σ n_b. The sweep is
+# a Python loop (a data loader is not traceable); the per-batch work is jitted by the caller.
+
+
+def check_batches(batches: Any) -> None:
+    """Raise a clear error unless ``batches`` can be swept more than once.
+
+    Accepted: a re-iterable collection (list, tuple, any iterable whose ``iter()`` is a fresh
+    iterator) or a zero-argument callable returning a fresh iterable (``lambda: loader``).
+    """
+    if callable(batches):
+        return
+    try:
+        it = iter(batches)
+    except TypeError as err:
+        raise TypeError(
+            f"batches={batches!r}: must be an iterable of batches or a zero-argument callable "
+            "that returns one"
+        ) from err
+    if it is batches:
+        raise TypeError(
+            f"batches={batches!r}: a one-shot iterator (e.g. a generator) can be swept only "
+            "once, but curvature estimators sweep the data once per matrix-vector product; "
+            "pass a list, or a zero-argument callable returning a fresh iterable "
+            "(e.g. lambda: iter(loader))"
+        )
+
+
+def batch_args(batch: Any) -> tuple:
+    """A tuple batch is unpacked into ``loss_fn(params, *batch)``; anything else (a dict, an
+    array) is passed as the single argument ``loss_fn(params, batch)``."""
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+def batch_weight(batch: Any) -> int:
+    """The number of examples in ``batch``: the leading dimension of its first array leaf
+    with at least one axis."""
+    for leaf in jax.tree_util.tree_leaves(batch):
+        shape = jnp.shape(leaf)
+        if len(shape) >= 1:
+            return int(shape[0])
+    raise ValueError(
+        "batches: a batch has no array with a leading batch axis, so its size (the weight of "
+        "its Hessian in the dataset mean) is unknown"
+    )
+
+
+def dataset_mean(fn: Callable[..., Any], batches: Any) -> Any:
+    """``Σ_b n_b fn(*batch_b) / Σ_b n_b`` over one sweep of ``batches``.
+
+    With ``fn`` a per-batch HVP or quadratic form of a loss that is the *mean* over its
+    batch, this is the HVP (quadratic form) of the mean loss over the whole dataset, also
+    when the last batch is smaller.
+
+    Raises:
+      ValueError: if the sweep yields no batch, or a batch has no examples.
+    """
+    iterable = batches() if callable(batches) else batches
+    total = 0
+    acc = None
+    for batch in iterable:
+        n = batch_weight(batch)
+        if n < 1:
+            raise ValueError("batches: a batch has leading dimension 0 (no examples)")
+        out = fn(*batch_args(batch))
+        if acc is None:
+            acc = jax.tree_util.tree_map(lambda o, n=n: n * o, out)
+        else:
+            acc = jax.tree_util.tree_map(lambda a, o, n=n: a + n * o, acc, out)
+        total += n
+    if acc is None:
+        raise ValueError(
+            "batches: the iterable yielded no batch; a dataset curvature needs at least one"
+        )
+    return jax.tree_util.tree_map(lambda a: (a / total).astype(a.dtype), acc)
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        del n
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, total: int, desc: str) -> Any:
+    """A tqdm bar over ``total`` dataset sweeps when ``enabled`` and tqdm is installed;
+    otherwise a no-op with the same ``update``/``close`` methods (tqdm is optional)."""
+    if not enabled:
+        return _NoProgress()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        import warnings
+
+        warnings.warn("progress=True: tqdm is not installed, no progress bar", stacklevel=3)
+        return _NoProgress()
+    return tqdm(total=total, desc=desc, unit="sweep")
+
+
+def _dataset_quadratic_forms_batch(
+    params: PyTree,
+    v: PyTree,
+    args: tuple,
+    *,
+    loss_fn: Callable,
+    perturbed: tuple[bool, ...],
+    batch_size: int | None,
+) -> jax.Array:
+    return quadratic_forms(loss_fn, params, v, args, list(perturbed), batch_size=batch_size)
+
+
+_jit_quadratic_forms = jax.jit(
+    _dataset_quadratic_forms_batch, static_argnames=("loss_fn", "perturbed", "batch_size")
+)
+
+
+def dataset_quadratic_forms(
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    v: PyTree,
+    batches: Any,
+    perturbed: list[bool],
+    *,
+    batch_size: int | None = None,
+) -> jax.Array:
+    """``vᵢᵀ∇²L̄(x)vᵢ`` for the dataset mean loss ``L̄ = Σ_b n_b L_b / Σ_b n_b``.
+
+    The quadratic forms of each batch (:func:`quadratic_forms`, jitted once per batch
+    shape) are accumulated with weights ``n_b`` by :func:`dataset_mean`.
+    """
+    check_batches(batches)
+    return dataset_mean(
+        lambda *b: _jit_quadratic_forms(
+            params, v, b, loss_fn=loss_fn, perturbed=tuple(perturbed), batch_size=batch_size
+        ),
+        batches,
+    )

@@ -229,3 +229,59 @@ def exact_sharpness(
         return Estimate(r.value, r.stderr, r.log_value, r.ess, num_samples)
 
     return evaluate
+
+
+def dataset_sharpness(
+    loss_fn: Callable[..., jax.Array],
+    measure: _measure.Measure,
+    *,
+    num_samples: int,
+    batch_size: int | None = None,
+    adaptive: bool = False,
+    eta: float = 0.0,
+) -> Callable[..., Estimate]:
+    """:func:`sharpness` of the dataset mean loss, from a sweep over its batches.
+
+    .. math:: S = \\phi\\Big(\\frac1m\\sum_i w_i\\, \\psi(v_i^\\top \\bar H v_i)\\Big),
+       \\quad v_i^\\top \\bar H v_i
+       = \\frac{\\sum_b n_b\\, v_i^\\top \\nabla^2 L_b v_i}{\\sum_b n_b}
+
+    The same probes are used on every batch and their quadratic forms are accumulated with
+    weights ``n_b`` (the batch sizes) *before* ψ is applied, so S is the measure of the full
+    data's Hessian — not the mean of per-batch measures, which differs for nonlinear ψ or φ.
+    Equal to :func:`sharpness` on the concatenated data with the same key.
+
+    Args:
+      loss_fn: ``loss_fn(params, *batch) -> scalar``, the *mean* loss over a batch.
+      measure, num_samples, batch_size, adaptive, eta: as in :func:`sharpness`.
+
+    Returns:
+      ``estimate(params, batches, *, key) -> Estimate``; ``batches`` is a list of batches or a
+      zero-argument callable returning a fresh iterable (a tuple batch is unpacked into
+      ``loss_fn(params, *batch)``, anything else is passed as one argument). Call it eagerly:
+      the sweep is a Python loop, each batch's quadratic forms are jitted.
+
+    Raises:
+      ValueError / TypeError: bad hyperparameters; at call time an empty or one-shot batch
+      iterable, a bad key.
+    """
+    _check_common(loss_fn, measure, eta)
+    _check_int("num_samples", num_samples, 2 if measure.phi_unbiased is not None else 1)
+    _check_int("batch_size", batch_size, 1, allow_none=True)
+    eta = float(eta)
+
+    def estimate(params: PyTree, batches: Any, *, key: jax.Array) -> Estimate:
+        _mu.check_key(key)
+        _curvature.check_batches(batches)
+        perturbed = measure.mu.perturbed(params)
+        d = measure.mu.dim(params)
+        v, log_w = measure.mu.sample(key, params, num_samples)
+        if adaptive:
+            v = _metric_probes(params, v, eta, perturbed)
+        q = _curvature.dataset_quadratic_forms(
+            loss_fn, params, v, batches, perturbed, batch_size=batch_size
+        )
+        r = _measure.reduce(measure, q.astype(log_w.dtype), log_w, d)
+        return Estimate(r.value, r.stderr, r.log_value, r.ess, num_samples)
+
+    return estimate

@@ -3,7 +3,7 @@
 Reference: Tahmasebi, Soleymani, Jegelka, Jaillet, "On Scale-Invariant Sharpness Measures".
 """
 
-from phipsimu import measures, mu
+from phipsimu import measures, mu, symmetries
 from phipsimu._curvature import hvp
 from phipsimu._estimate import (
     MAX_DENSE_DIM,
@@ -12,6 +12,7 @@ from phipsimu._estimate import (
     exact_sharpness,
     sharpness,
 )
+from phipsimu._invariance import InvarianceReport, check_invariance
 from phipsimu._measure import Measure
 from phipsimu._objective import sharpness_aware_loss
 from phipsimu._spectral import (
@@ -39,9 +40,11 @@ __all__ = [
     "MAX_DENSE_DIM",
     "EigenResult",
     "Estimate",
+    "InvarianceReport",
     "Measure",
     "SharpnessAwareState",
     "SpectralDensity",
+    "check_invariance",
     "dataset_sharpness",
     "exact_sharpness",
     "frobenius_sam",
@@ -58,6 +61,7 @@ __all__ = [
     "sharpness_aware",
     "sharpness_aware_loss",
     "spectral_density",
+    "symmetries",
     "top_eigenvalues",
     "trace_function",
 ]

@@ -1,6 +1,6 @@
-"""Validation of user input at construction time, with messages that name the parameter,
-the value and what is allowed. Traced values (inside jit or ``optax.inject_hyperparams``)
-cannot be inspected and are passed through."""
+"""Validation of user input, written once: messages name the parameter, the value and what
+is allowed (``rho=-1.0: must be a finite number > 0``). Traced values (inside jit or
+``optax.inject_hyperparams``) cannot be inspected and are passed through."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import jax
 
 
 def is_traced(value: Any) -> bool:
+    """Whether ``value`` is a JAX tracer (its value is unknown until run time)."""
     return isinstance(value, jax.core.Tracer)
 
 
-def real(name: str, value: Any, *, lo: float, strict: bool, allow_array: bool = True) -> Any:
-    """A finite real number ``> lo`` (``strict``) or ``>= lo``; concrete arrays are checked,
-    traced arrays passed through."""
-    if is_traced(value) and allow_array:
+def real(name: str, value: Any, *, lo: float, strict: bool) -> Any:
+    """A finite real number ``> lo`` (``strict``) or ``>= lo``, returned as a float; a traced
+    value is returned as it is."""
+    if is_traced(value):
         return value
     if isinstance(value, bool):
         raise TypeError(f"{name}={value!r}: must be a real number, not a bool")
@@ -28,11 +29,14 @@ def real(name: str, value: Any, *, lo: float, strict: bool, allow_array: bool = 
     op = ">" if strict else ">="
     if not math.isfinite(x) or (x <= lo if strict else x < lo):
         raise ValueError(f"{name}={value!r}: must be a finite number {op} {lo}")
-    return value
+    return x
 
 
-def integer(name: str, value: Any, *, lo: int) -> int:
-    """A Python int ``>= lo`` (a static shape parameter: arrays are not accepted)."""
+def integer(name: str, value: Any, *, lo: int, allow_none: bool = False) -> int | None:
+    """A Python int ``>= lo`` (a static size: arrays are not accepted), or None if allowed."""
+    if allow_none and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name}={value!r}: must be an int >= {lo}")
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name}={value!r}: must be an int >= {lo}{extra}")
     return value

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _curvature, _measure, _mu
+from phipsimu import _checks, _curvature, _measure, _mu
 
 PyTree = Any
 
@@ -46,14 +46,6 @@ class Estimate(NamedTuple):
     num_samples: int
 
 
-def _check_int(name: str, value: Any, lo: int, *, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name}={value!r}: must be an int >= {lo}{extra}")
-
-
 def _check_common(loss_fn: Any, measure: Any, eta: Any) -> None:
     if not callable(loss_fn):
         raise TypeError(f"loss_fn={loss_fn!r}: must be a callable loss_fn(params, *args)")
@@ -61,8 +53,7 @@ def _check_common(loss_fn: Any, measure: Any, eta: Any) -> None:
         raise TypeError(
             f"measure={measure!r}: must be a phipsimu.Measure (e.g. phipsimu.measures.trace())"
         )
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta={eta!r}: must be a float >= 0")
+    _checks.real("eta", eta, lo=0.0, strict=False)
 
 
 def _metric_probes(params: PyTree, v: PyTree, eta: float, perturbed: list[bool]) -> PyTree:
@@ -117,8 +108,8 @@ def sharpness(
       ()
     """
     _check_common(loss_fn, measure, eta)
-    _check_int("num_samples", num_samples, 2 if measure.phi_unbiased is not None else 1)
-    _check_int("batch_size", batch_size, 1, allow_none=True)
+    _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased is not None else 1)
+    _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
     eta = float(eta)
 
     def estimate(params: PyTree, *args: Any, key: jax.Array) -> Estimate:
@@ -176,8 +167,8 @@ def exact_sharpness(
       ValueError: when d exceeds ``max_dim`` (raised at call time, d depends on params).
     """
     _check_common(loss_fn, measure, eta)
-    _check_int("num_samples", num_samples, 2)
-    _check_int("max_dim", max_dim, 1)
+    _checks.integer("num_samples", num_samples, lo=2)
+    _checks.integer("max_dim", max_dim, lo=1)
     eta = float(eta)
     closed = measure.spectral is not None or measure.log_spectral is not None
 
@@ -266,8 +257,8 @@ def dataset_sharpness(
       iterable, a bad key.
     """
     _check_common(loss_fn, measure, eta)
-    _check_int("num_samples", num_samples, 2 if measure.phi_unbiased is not None else 1)
-    _check_int("batch_size", batch_size, 1, allow_none=True)
+    _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased is not None else 1)
+    _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
     eta = float(eta)
 
     def estimate(params: PyTree, batches: Any, *, key: jax.Array) -> Estimate:

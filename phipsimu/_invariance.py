@@ -18,16 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phipsimu import _estimate, _measure, _mu, _tree
+from phipsimu import _checks, _estimate, _measure, _mu, _tree
 
 PyTree = Any
 
 #: Largest |Σ log factors| accepted as "product 1" by :func:`rescale_layers`.
 PRODUCT_TOL = 1e-6
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def _check_factor(name: str, value: Any) -> float:
@@ -87,7 +83,7 @@ def rescale_layers(params: Sequence[PyTree], factors: Sequence[Any]) -> list[PyT
             f"factors={factors!r}: {len(factors)} factors for {len(params)} layers; give one "
             "per layer"
         )
-    if not any(_is_traced(a) for a in factors):
+    if not any(_checks.is_traced(a) for a in factors):
         logs = [math.log(_check_factor(f"factors[{i}]", a)) for i, a in enumerate(factors)]
         if abs(math.fsum(logs)) > PRODUCT_TOL:
             raise ValueError(
@@ -175,7 +171,7 @@ def rescale_neurons(params: Sequence[dict], layer: int, factors: Any) -> list[di
             f"factors: shape {c.shape} does not match the {fan_out} units of layer {layer}; "
             f"give shape ({fan_out},) or a scalar"
         )
-    if not _is_traced(c):
+    if not _checks.is_traced(c):
         arr = np.asarray(c, np.float64)
         if not np.all(np.isfinite(arr) & (arr > 0)):
             raise ValueError(
@@ -320,15 +316,6 @@ class InvarianceReport(NamedTuple):
     verdict: str
 
 
-def _check_nonneg(name: str, value: Any, *, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}={value!r}: must be a real number")
-    bad = not value > 0 if strict else not value >= 0
-    if bad or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}: must be a finite number {'>' if strict else '>='} 0")
-    return float(value)
-
-
 def check_invariance(
     loss_fn: Callable[..., jax.Array],
     measure: _measure.Measure,
@@ -400,10 +387,10 @@ def check_invariance(
     if not callable(transform):
         raise TypeError(f"transform={transform!r}: must be a callable params -> params")
     _mu.check_key(key)
-    rtol = _check_nonneg("rtol", rtol, strict=True)
-    loss_rtol = _check_nonneg("loss_rtol", loss_rtol)
-    loss_atol = _check_nonneg("loss_atol", loss_atol)
-    z_max = _check_nonneg("z_max", z_max, strict=True)
+    rtol = _checks.real("rtol", rtol, lo=0.0, strict=True)
+    loss_rtol = _checks.real("loss_rtol", loss_rtol, lo=0.0, strict=False)
+    loss_atol = _checks.real("loss_atol", loss_atol, lo=0.0, strict=False)
+    z_max = _checks.real("z_max", z_max, lo=0.0, strict=True)
 
     new_params = transform(params)
     old_struct = jax.tree_util.tree_structure(params)

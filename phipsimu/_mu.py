@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phipsimu import _tree
+from phipsimu import _checks, _tree
 
 PyTree = Any
 
@@ -56,12 +56,6 @@ def check_key(key: Any, name: str = "key") -> None:
     )
 
 
-def _check_num(num: Any) -> int:
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num={num!r}: must be an int >= 1")
-    return num
-
-
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Base class of the μ samplers. Subclasses implement ``_draw``.
@@ -97,7 +91,7 @@ class Sampler:
           shape ``(num,)`` and holds ``log(dμ/dq)`` at each draw.
         """
         check_key(key)
-        num = _check_num(num)
+        num = _checks.integer("num", num, lo=1)
         perturbed = self.perturbed(like)
         d = sum(int(x.size) for x, p in zip(jax.tree_util.tree_leaves(like), perturbed) if p)
         if d == 0:
@@ -182,14 +176,6 @@ class Lebesgue(Sampler):
         return _tree.scale(self.scale, g), log_w
 
 
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}={value!r}: must be a float > 0")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}: must be finite")
-    return float(value)
-
-
 def sphere(*, mask: Any = None) -> Sphere:
     """Uniform measure on the unit sphere S^{d-1} of all perturbed coordinates together.
 
@@ -210,7 +196,7 @@ def sphere(*, mask: Any = None) -> Sphere:
 
 def gaussian(*, stddev: float = 1.0, mask: Any = None) -> Gaussian:
     """The Gaussian probability measure N(0, stddev² I) on the perturbed coordinates."""
-    return Gaussian(mask=mask, stddev=_check_positive("stddev", stddev))
+    return Gaussian(mask=mask, stddev=_checks.real("stddev", stddev, lo=0.0, strict=True))
 
 
 def rademacher(*, mask: Any = None) -> Rademacher:
@@ -225,7 +211,7 @@ def lebesgue(*, scale: float = 1.0, mask: Any = None) -> Lebesgue:
       scale: the proposal's standard deviation (> 0).
       mask: which leaves to perturb.
     """
-    return Lebesgue(mask=mask, scale=_check_positive("scale", scale))
+    return Lebesgue(mask=mask, scale=_checks.real("scale", scale, lo=0.0, strict=True))
 
 
 # ---------------------------------------------------------------- Theorem 1: product densities
@@ -367,8 +353,8 @@ class ProductDensity(Sampler):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_log_f(self.log_f)
-        object.__setattr__(self, "scale", _check_positive("scale", self.scale))
-        object.__setattr__(self, "eps", _check_positive("eps", self.eps))
+        object.__setattr__(self, "scale", _checks.real("scale", self.scale, lo=0.0, strict=True))
+        object.__setattr__(self, "eps", _checks.real("eps", self.eps, lo=0.0, strict=True))
         object.__setattr__(self, "groups", _freeze_groups(self.groups))
 
     def group_index(self, like: PyTree, perturbed: list[bool]) -> tuple[list, np.ndarray]:

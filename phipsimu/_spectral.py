@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from phipsimu import _curvature, _mu, _tree
+from phipsimu import _checks, _curvature, _mu, _tree
 from phipsimu._estimate import Estimate
 
 PyTree = Any
@@ -84,27 +84,12 @@ class SpectralDensity(NamedTuple):
 # ---------------------------------------------------------------- validation
 
 
-def _check_int(name: str, value: Any, lo: int, *, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name}={value!r}: must be an int >= {lo}{extra}")
-
-
-def _check_float(name: str, value: Any, lo: float, *, strict: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= lo if strict else value < lo):
-        raise ValueError(f"{name}={value!r}: must be a finite float {'>' if strict else '>='} {lo}")
-    return float(value)
-
-
 def _check_common(loss_fn: Any, mask: Any, blocks: Any, batch_size: Any) -> None:
     if not callable(loss_fn):
         raise TypeError(f"loss_fn={loss_fn!r}: must be a callable loss_fn(params, *args)")
     if mask is not None and blocks is not None:
         raise ValueError("mask and blocks: give at most one (blocks partitions, mask selects)")
-    _check_int("batch_size", batch_size, 1, allow_none=True)
+    _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
 
 
 def _check_probes(probes: Any, allowed: tuple[str, ...] = tuple(_PROBES)) -> None:
@@ -444,11 +429,11 @@ def top_eigenvalues(
     Reference: Lanczos (1950); Golub & Van Loan, "Matrix Computations", §10.1.
     """
     _check_common(loss_fn, mask, blocks, None)
-    _check_int("k", k, 1)
+    _checks.integer("k", k, lo=1)
     if which not in _WHICH:
         raise ValueError(f"which={which!r}: must be one of {_WHICH}")
-    _check_int("num_iterations", num_iterations, k, allow_none=True)
-    tol = _check_float("tol", tol, 0.0, strict=True)
+    _checks.integer("num_iterations", num_iterations, lo=k, allow_none=True)
+    tol = _checks.real("tol", tol, lo=0.0, strict=True)
     n_req = max(2 * k, k + 40) if num_iterations is None else num_iterations
 
     def build(m: Any) -> Callable[..., EigenResult]:
@@ -535,8 +520,8 @@ def power_iteration(
       ``eig(params, *args, key, batches=None) -> EigenResult`` with ``k = 1``.
     """
     _check_common(loss_fn, mask, blocks, None)
-    _check_int("num_iterations", num_iterations, 1)
-    tol = _check_float("tol", tol, 0.0, strict=True)
+    _checks.integer("num_iterations", num_iterations, lo=1)
+    tol = _checks.real("tol", tol, lo=0.0, strict=True)
 
     def build(m: Any) -> Callable[..., EigenResult]:
         def eig(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> EigenResult:
@@ -626,8 +611,8 @@ def _slq_estimate(per_probe: jax.Array, num_samples: int) -> Estimate:
 
 
 def _check_slq(num_samples: Any, num_iterations: Any, probes: Any, progress: Any) -> None:
-    _check_int("num_samples", num_samples, 1)
-    _check_int("num_iterations", num_iterations, 1)
+    _checks.integer("num_samples", num_samples, lo=1)
+    _checks.integer("num_iterations", num_iterations, lo=1)
     _check_probes(probes)
     if not isinstance(progress, bool):
         raise TypeError(f"progress={progress!r}: must be a bool")
@@ -741,7 +726,7 @@ def log_determinant(
     Reference: Ubaru, Chen & Saad (2017); MATH.md, Table 1 "determinant".
     """
     _check_common(loss_fn, mask, blocks, batch_size)
-    damping = _check_float("damping", damping, 0.0, strict=False)
+    damping = _checks.real("damping", damping, lo=0.0, strict=False)
     _check_slq(num_samples, num_iterations, probes, progress)
 
     def build(m: Any) -> Callable[..., Estimate]:
@@ -809,9 +794,9 @@ def spectral_density(
     """
     _check_common(loss_fn, mask, blocks, batch_size)
     _check_slq(num_samples, num_iterations, probes, progress)
-    _check_int("grid_size", grid_size, 2)
+    _checks.integer("grid_size", grid_size, lo=2)
     if bandwidth is not None:
-        bandwidth = _check_float("bandwidth", bandwidth, 0.0, strict=True)
+        bandwidth = _checks.real("bandwidth", bandwidth, lo=0.0, strict=True)
 
     def build(m: Any) -> Callable[..., SpectralDensity]:
         def density(params: PyTree, *args: Any, key: jax.Array, batches: Any = None):
@@ -972,7 +957,7 @@ def hessian_trace(
     _check_common(loss_fn, mask, blocks, batch_size)
     if method not in _TRACE_METHODS:
         raise ValueError(f"method={method!r}: must be one of {_TRACE_METHODS}")
-    _check_int("num_matvecs", num_matvecs, 1)
+    _checks.integer("num_matvecs", num_matvecs, lo=1)
     if method == "hutch++" and (num_matvecs % 3 or num_matvecs < 6):
         raise ValueError(
             f"num_matvecs={num_matvecs}: Hutch++ splits its budget in three equal parts "

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from phipsimu import _checks, _curvature, _mu, _tree
+from phipsimu import _checks, _curvature, _measure, _mu, _tree
 from phipsimu._estimate import Estimate
 
 PyTree = Any
@@ -247,14 +247,6 @@ def _chunk(batch_size: int | None) -> int:
     return _curvature.DEFAULT_CHUNK if batch_size is None else batch_size
 
 
-def _dim(active: list) -> int:
-    return sum(int(x.size) for x in active)
-
-
-def _dtype(active: list) -> jnp.dtype:
-    return jnp.result_type(*[x.dtype for x in active])
-
-
 def _probes(probes: str, mask: Any, key: jax.Array, params: PyTree, num: int, perturbed):
     """``num`` probe vectors, exactly ``phipsimu.mu.<probes>(mask=mask).sample(key, params,
     num)`` restricted to the perturbed leaves, and c with ``E[vvᵀ] = c·I``."""
@@ -265,15 +257,29 @@ def _probes(probes: str, mask: Any, key: jax.Array, params: PyTree, num: int, pe
     return vs, (1.0 / d if probes == "sphere" else 1.0)
 
 
-def _iterate(op: _Operator, update: Callable, current: Callable, state: Any, n: int) -> Any:
-    """``n`` steps of ``state = update(state, H·current(state))``: a ``fori_loop`` (jit-able)
-    on one batch, a Python loop with a jitted update over a dataset."""
+class _Step(NamedTuple):
+    """One iteration ``state = update(state, H·current(state))`` on a block of vectors: the
+    traceable functions, and the same functions jitted once (module level) for the dataset
+    path, so that repeated estimator calls reuse their compilation."""
+
+    update: Callable
+    current: Callable
+    update_jit: Callable
+    current_jit: Callable
+
+
+def _step(update: Callable, current: Callable) -> _Step:
+    return _Step(update, current, jax.jit(update), jax.jit(current))
+
+
+def _iterate(op: _Operator, step: _Step, state: Any, n: int) -> Any:
+    """``n`` steps of ``step``: a ``fori_loop`` (jit-able) on one batch, a Python loop of the
+    jitted step over a dataset."""
     if op.host:
-        upd = jax.jit(update)
         for _ in range(n):
-            state = upd(state, op.matvec(current(state)))
+            state = step.update_jit(state, op.matvec(step.current_jit(state)))
         return state
-    return jax.lax.fori_loop(0, n, lambda _, s: update(s, op.matvec(current(s))), state)
+    return jax.lax.fori_loop(0, n, lambda _, s: step.update(s, op.matvec(step.current(s))), state)
 
 
 # ---------------------------------------------------------------- Lanczos
@@ -289,7 +295,7 @@ class _LanczosState(NamedTuple):
 def _lanczos_init(v: list, n: int) -> _LanczosState:
     nrm = jnp.sqrt(_tree.sq_norm(v))
     basis = [jnp.zeros((n + 1, *x.shape), x.dtype).at[0].set(x / nrm) for x in v]
-    dt = _dtype(v)
+    dt = _tree.float_dtype(v)
     return _LanczosState(basis, jnp.zeros((n,), dt), jnp.zeros((n,), dt), jnp.zeros((), int))
 
 
@@ -357,11 +363,14 @@ def _lanczos_update(s: _LanczosState, w: list) -> _LanczosState:
     )
 
 
+_LANCZOS_STEP = _step(jax.vmap(_lanczos_update), jax.vmap(_lanczos_current))
+
+
 def _lanczos(op: _Operator, v0: list, n: int) -> _LanczosState:
     """``n`` Lanczos steps for a block of starting vectors (leading axis b), run together so
     each step is one block HVP (one dataset sweep for all b)."""
     state = jax.vmap(lambda v: _lanczos_init(v, n))(v0)
-    return _iterate(op, jax.vmap(_lanczos_update), jax.vmap(_lanczos_current), state, n)
+    return _iterate(op, _LANCZOS_STEP, state, n)
 
 
 def _tridiagonal(alpha: jax.Array, beta: jax.Array) -> jax.Array:
@@ -493,6 +502,13 @@ def _power_update(s: _PowerState, w: list) -> _PowerState:
     return _PowerState(v, theta.astype(s.theta.dtype), residual.astype(s.theta.dtype), s.v)
 
 
+def _power_current(s: _PowerState) -> list:
+    return s.v
+
+
+_POWER_STEP = _step(jax.vmap(_power_update), _power_current)
+
+
 def power_iteration(
     loss_fn: Callable[..., jax.Array],
     *,
@@ -534,9 +550,9 @@ def power_iteration(
             v0, _ = _probes("gaussian", m, key, params, 1, perturbed)
             nrm = jnp.sqrt(_tree.sq_norm(v0))
             v0 = [x / nrm for x in v0]
-            zero = jnp.zeros((1,), _dtype(v0))
+            zero = jnp.zeros((1,), _tree.float_dtype(v0))
             s = _PowerState(v0, zero, zero, v0)
-            s = _iterate(op, jax.vmap(_power_update), lambda s: s.v, s, num_iterations)
+            s = _iterate(op, _POWER_STEP, s, num_iterations)
             bar.close()
             vectors = _unsplit(params, perturbed, s.vector, 1)
             converged = s.residual <= tol * jnp.abs(s.theta)
@@ -600,14 +616,12 @@ def _slq(
     return theta, vecs[:, 0, :] ** 2, d
 
 
-def _slq_estimate(per_probe: jax.Array, num_samples: int) -> Estimate:
+def _slq_estimate(per_probe: jax.Array) -> Estimate:
+    """The mean of per-probe estimates (shape ``(m,)``) with its standard error."""
     value = jnp.mean(per_probe)
-    if num_samples > 1:
-        stderr = jnp.std(per_probe, ddof=1) / math.sqrt(num_samples)
-    else:
-        stderr = jnp.full((), jnp.nan, per_probe.dtype)
+    num_samples = per_probe.shape[0]
     ess = jnp.full((), num_samples, per_probe.dtype)
-    return Estimate(value, stderr, jnp.log(value), ess, num_samples)
+    return Estimate(value, _measure._std_mean(per_probe), jnp.log(value), ess, num_samples)
 
 
 def _check_slq(num_samples: Any, num_iterations: Any, probes: Any, progress: Any) -> None:
@@ -668,7 +682,7 @@ def trace_function(
                 num_samples=num_samples, num_iterations=num_iterations,
                 batch_size=batch_size, progress=progress,
             )  # fmt: skip
-            return _slq_estimate(d * jnp.sum(tau * f(theta), axis=1), num_samples)
+            return _slq_estimate(d * jnp.sum(tau * f(theta), axis=1))
 
         return estimate
 
@@ -704,7 +718,11 @@ def log_determinant(
       negative eigenvalue that no Krylov space reached cannot be seen: check
       ``top_eigenvalues(..., which="SA")`` when in doubt.
 
-    ``log_value`` is ``log(value)`` (the Estimate convention). Standard error over probes.
+    ``value`` is the log-determinant itself (negative when det(H + δI) < 1), with its
+    standard error over probes. ``log_value`` follows the Estimate convention,
+    ``log_value = log(value)``: the log *of the log-determinant* — NaN when ``value < 0``
+    (det < 1), −inf when ``value == 0`` (det = 1), NaN when ``value`` is NaN or −inf. It is
+    not ``log det``; read ``value`` for that.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
@@ -713,7 +731,8 @@ def log_determinant(
         :func:`trace_function`.
 
     Returns:
-      ``estimate(params, *args, key, batches=None) -> Estimate``.
+      ``estimate(params, *args, key, batches=None) -> Estimate`` with ``value`` =
+      ``log det(H + δI)`` and ``log_value = log(value)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, phipsimu
@@ -740,7 +759,7 @@ def log_determinant(
             tol = shifted.shape[1] * jnp.finfo(shifted.dtype).eps * jnp.max(jnp.abs(shifted))
             low = jnp.min(shifted)
             per_probe = d * jnp.sum(tau * jnp.log(jnp.where(shifted > tol, shifted, 1.0)), axis=1)
-            est = _slq_estimate(per_probe, num_samples)
+            est = _slq_estimate(per_probe)
             bad = jnp.where(low < -tol, jnp.nan, -jnp.inf)
             value = jnp.where(low > tol, est.value, bad)
             stderr = jnp.where(low > tol, est.stderr, jnp.nan)
@@ -807,8 +826,12 @@ def spectral_density(
             )  # fmt: skip
             lo, hi = jnp.min(theta), jnp.max(theta)
             if bandwidth is None:
-                tiny = jnp.finfo(theta.dtype).eps * jnp.maximum(jnp.abs(hi), 1.0)
+                # floor relative to the spectrum's scale (a coincident spectrum has no spread);
+                # eps itself only for H = 0, which has no scale at all
+                eps = jnp.finfo(theta.dtype).eps
+                tiny = eps * jnp.maximum(jnp.abs(lo), jnp.abs(hi))
                 sigma = jnp.maximum((hi - lo) / theta.shape[1], tiny)
+                sigma = jnp.where(sigma > 0, sigma, eps)
             else:
                 sigma = jnp.asarray(bandwidth, theta.dtype)
             grid = jnp.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size, dtype=theta.dtype)
@@ -816,10 +839,7 @@ def spectral_density(
             kern = jnp.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
             per_probe = jnp.sum(tau[:, :, None] * kern, axis=1)
             dens = jnp.mean(per_probe, axis=0)
-            if num_samples > 1:
-                stderr = jnp.std(per_probe, axis=0, ddof=1) / math.sqrt(num_samples)
-            else:
-                stderr = jnp.full_like(dens, jnp.nan)
+            stderr = _measure._std_mean(per_probe)
             return SpectralDensity(theta, tau, grid, dens, stderr, sigma)
 
         return density
@@ -872,14 +892,10 @@ def _qr_leave_one_out_factor(r: jax.Array) -> jax.Array:
     return s / jnp.linalg.norm(s, axis=0)
 
 
-def _xtrace(op: _Operator, vs: list) -> jax.Array:
-    """XTrace: m leave-one-out estimates ``Tr(Q₋ᵢQ₋ᵢᵀH) + ωᵢ-Hutchinson of the rest``, with
-    re-sphering (Epperly, Tropp & Webber 2024, Alg. 2; as matfree.stochtrace)."""
-    omega = _flatten(vs).T  # (d, m)
+def _xtrace_combine(omega: jax.Array, q: jax.Array, r: jax.Array, z: jax.Array) -> jax.Array:
+    """The m leave-one-out estimates from the probes Ω, the sketch ``HΩ = QR`` and ``Z = HQ``
+    (all ``(d, m)``, R ``(m, m)``)."""
     d, m = omega.shape
-    y = _flatten(op.matvec(vs)).T
-    q, r = jnp.linalg.qr(y)
-    z = _flatten(op.matvec(_unflatten(q.T, vs))).T
 
     def exact(_):
         return jnp.full((m,), jnp.vdot(q, z), z.dtype)
@@ -899,9 +915,29 @@ def _xtrace(op: _Operator, vs: list) -> jax.Array:
         low_loo = jnp.trace(h) - jnp.sum(s * (h @ s), axis=0)
         return low_loo + scale * (-t_x + x_hx + s_r * w_s)
 
-    # Y rank-deficient (rank H < m): Q spans range(H) and Tr(QᵀHQ) is exact.
-    rank = jnp.sum(jnp.abs(jnp.diag(r)) > jnp.finfo(r.dtype).eps)
+    # Y rank-deficient (rank H < m): Q spans range(H) and Tr(QᵀHQ) is exact. The test is
+    # relative to Y's own scale (Householder QR is column-wise backward stable, so the |r_jj|
+    # of a rank-deficient Y are rounding, a few eps·max|r_jj|): an absolute threshold would call
+    # every small-scale H "low rank" and return the trace of its sketch alone. The tolerance
+    # errs low: a missed deficiency only sends an ill-conditioned R to the leave-one-out
+    # formulas, whose normalised factors stay accurate, while a false one drops the residual.
+    diag = jnp.abs(jnp.diag(r))
+    rank = jnp.sum(diag > m * jnp.finfo(r.dtype).eps * jnp.max(diag))
     return jax.lax.cond(rank < m, exact, estimate, None)
+
+
+# The dataset path runs eagerly; a cond of fresh closures there would retrace on every call.
+_xtrace_combine_jit = jax.jit(_xtrace_combine)
+
+
+def _xtrace(op: _Operator, vs: list) -> jax.Array:
+    """XTrace: m leave-one-out estimates ``Tr(Q₋ᵢQ₋ᵢᵀH) + ωᵢ-Hutchinson of the rest``, with
+    re-sphering (Epperly, Tropp & Webber 2024, Alg. 2; as matfree.stochtrace)."""
+    omega = _flatten(vs).T  # (d, m)
+    y = _flatten(op.matvec(vs)).T
+    q, r = jnp.linalg.qr(y)
+    z = _flatten(op.matvec(_unflatten(q.T, vs))).T
+    return (_xtrace_combine_jit if op.host else _xtrace_combine)(omega, q, r, z)
 
 
 def hessian_trace(
@@ -1001,7 +1037,7 @@ def hessian_trace(
             else:
                 samples, low = _xtrace(op, vs), 0.0
             bar.close()
-            est = _slq_estimate(low + samples, samples.shape[0])
+            est = _slq_estimate(low + samples)
             return est._replace(
                 ess=jnp.full((), num_probes, est.value.dtype), num_samples=num_probes
             )

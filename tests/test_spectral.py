@@ -117,6 +117,21 @@ def test_log_determinant_singular_is_minus_inf_indefinite_is_nan():
     assert np.isnan(bad.value) and np.isnan(bad.stderr)
 
 
+def test_log_determinant_log_value_is_log_of_the_log_determinant():
+    """``value`` is log det(H + δI) itself; ``log_value = log(value)`` (the Estimate
+    convention), so NaN once det < 1. Diagonal H and n = d make SLQ exact."""
+    key = jax.random.key(0)
+    for diag in ([2.0, 3.0, 4.0, 5.0], [0.1, 0.2, 0.5, 2.0]):
+        loss, params = quadratic_loss(np.diag(diag))
+        est = phipsimu.log_determinant(loss, num_samples=2, num_iterations=4)(params, key=key)
+        ref = np.sum(np.log(diag))
+        np.testing.assert_allclose(est.value, ref, rtol=1e-5)
+        if ref > 0:
+            np.testing.assert_allclose(est.log_value, np.log(ref), rtol=1e-5)
+        else:
+            assert np.isnan(est.log_value)
+
+
 def test_spectral_density_mass_and_moments(mlp):
     params, x, y, _, lam = mlp
     m = 16
@@ -138,6 +153,23 @@ def test_spectral_density_mass_and_moments(mlp):
     second = np.trapezoid(grid**2 * rho, grid)
     sigma = float(dens.bandwidth)
     np.testing.assert_allclose(second, np.sum(weights * nodes**2) / m + sigma**2, rtol=1e-4)
+
+
+def test_spectral_density_bandwidth_scales_with_the_spectrum():
+    """The default bandwidth is (θ_max − θ_min)/n at any scale: no absolute floor that
+    swamps a Hessian of scale 1e-9 (the floor used to be eps·max(|θ_max|, 1) ≈ 1e-7)."""
+    a = random_spd(1, 20, 0.5, 3.0).astype(np.float32)
+    key = jax.random.key(0)
+
+    def density(scale):
+        loss, params = quadratic_loss((scale * a).astype(np.float32))
+        return phipsimu.spectral_density(loss, num_samples=4, num_iterations=10)(params, key=key)
+
+    base = density(1.0)
+    for scale in (1e-9, 1e9):
+        dens = density(scale)
+        np.testing.assert_allclose(dens.bandwidth / scale, base.bandwidth, rtol=1e-4)
+        np.testing.assert_allclose(dens.density * scale, base.density, rtol=1e-3, atol=1e-6)
 
 
 def test_trace_function_square_is_frobenius(mlp):
@@ -216,6 +248,44 @@ def test_low_rank_methods_beat_hutchinson_on_low_rank_plus_noise():
     assert rms["xtrace"] < 0.5 * rms["hutchinson"]
 
 
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_trace_estimators_are_scale_equivariant(method):
+    """Tr(sH) = s·Tr(H): with the same probes, an SPD H (d = 40, float32) scaled by 1e-9 and
+    1e9 must give s times the unscaled estimate and standard error. Regression: XTrace's rank
+    test was absolute, so at s = 1e-9 the sketch counted as rank-deficient and it returned
+    Tr(QᵀHQ) ≈ 13.5/1e-9 with stderr 0 (true trace 68.8/1e-9). The bound, 1% of one standard
+    error, is far above float32 rounding and far below any change of branch."""
+    a = random_spd(0, 40)
+    loss, params = quadratic_loss(a.astype(np.float32))
+    key = jax.random.key(0)
+    base = phipsimu.hessian_trace(loss, num_matvecs=12, method=method)(params, key=key)
+    assert float(base.stderr) > 0
+    assert abs(float(base.value) - np.trace(a)) < 4 * float(base.stderr)
+    for scale in (1e-9, 1e9):
+        loss, params = quadratic_loss((scale * a).astype(np.float32))
+        est = phipsimu.hessian_trace(loss, num_matvecs=12, method=method)(params, key=key)
+        assert abs(float(est.value) / scale - float(base.value)) < 0.01 * float(base.stderr)
+        assert abs(float(est.stderr) / scale - float(base.stderr)) < 0.01 * float(base.stderr)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-9, 1e9])
+def test_xtrace_is_exact_on_rank_deficient_hessian(scale):
+    """rank H = 3 < 4 probes: the sketch spans range(H), XTrace returns Tr(QᵀHQ) = Tr H
+    exactly (stderr 0) at any scale; H = 0 gives 0."""
+    a = scale * np.diag([3.0, 0, 2, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+    loss, params = quadratic_loss(a.astype(np.float32))
+    est = phipsimu.hessian_trace(loss, num_matvecs=8, method="xtrace")(
+        params, key=jax.random.key(0)
+    )
+    np.testing.assert_allclose(est.value, 6.0 * scale, rtol=1e-5)
+    assert float(est.stderr) == 0.0
+    loss, params = quadratic_loss(np.zeros((12, 12), np.float32))
+    zero = phipsimu.hessian_trace(loss, num_matvecs=8, method="xtrace")(
+        params, key=jax.random.key(0)
+    )
+    assert float(zero.value) == 0.0 and float(zero.stderr) == 0.0
+
+
 # ---------------------------------------------------------------- datasets and blocks
 
 
@@ -236,6 +306,39 @@ def test_dataset_accumulation_with_unequal_batches_equals_full_batch(mlp):
     )
     np.testing.assert_allclose(swept.value, full.value, rtol=1e-5)
     np.testing.assert_allclose(swept.stderr, full.stderr, rtol=1e-4)
+
+
+def test_dataset_path_does_not_retrace_on_a_second_call():
+    """Over a dataset the loops run in Python with jitted steps: a second call with the same
+    loss and shapes must reuse every compilation (counted by JAX's trace events), and give
+    the same result."""
+    params = init_mlp(jax.random.key(0), [3, 5, 2])
+    x = jax.random.normal(jax.random.key(1), (24, 3))
+    y = jax.random.normal(jax.random.key(2), (24, 2))
+    batches = _split(x, y, [10, 14])
+    estimators = {
+        "lanczos": phipsimu.top_eigenvalues(mlp_loss, 2, num_iterations=6),
+        "power": phipsimu.power_iteration(mlp_loss, num_iterations=5),
+        "slq": phipsimu.trace_function(mlp_loss, jnp.square, num_samples=3, num_iterations=4),
+        "hutch++": phipsimu.hessian_trace(mlp_loss, num_matvecs=6, method="hutch++"),
+        "xtrace": phipsimu.hessian_trace(mlp_loss, num_matvecs=6, method="xtrace"),
+    }
+    traces = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for name, fn in estimators.items():
+            first = fn(params, key=jax.random.key(0), batches=batches)
+            traces.clear()
+            second = fn(params, key=jax.random.key(0), batches=batches)
+            assert not traces, f"{name}: {len(traces)} retrace(s) on the second call"
+            np.testing.assert_array_equal(second.value, first.value)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_dataset_sharpness_applies_psi_to_full_data_forms():

@@ -40,3 +40,24 @@ def integer(name: str, value: Any, *, lo: int, allow_none: bool = False) -> int 
         extra = " or None" if allow_none else ""
         raise ValueError(f"{name}={value!r}: must be an int >= {lo}{extra}")
     return value
+
+
+def function(name: str, value: Any, what: str) -> Any:
+    """A callable, described by ``what`` in the error (e.g. ``loss_fn(params, *args)``)."""
+    if not callable(value):
+        raise TypeError(f"{name}={value!r}: must be a callable {what}")
+    return value
+
+
+def seed(name: str, value: Any) -> Any:
+    """A PRNG seed: a non-negative Python int, or an integer array (as injected by
+    ``optax.inject_hyperparams``); traced values pass."""
+    if is_traced(value):
+        return value
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and getattr(value, "shape", None) == ():
+        if jax.numpy.issubdtype(dtype, jax.numpy.integer) and int(value) >= 0:
+            return value
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"{name}={value!r}: must be a non-negative int")

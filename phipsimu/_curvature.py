@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from phipsimu import _tree
+from phipsimu import _checks, _tree
 
 PyTree = Any
 
@@ -85,8 +85,7 @@ def hvp(loss_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
       >>> phipsimu.hvp(loss)(jnp.array([1.0, 2.0]), jnp.array([1.0, 0.0]))
       Array([6., 0.], dtype=float32)
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn={loss_fn!r}: must be a callable")
+    _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
 
     def hvp_fn(params: PyTree, v: PyTree, *args: Any) -> PyTree:
         check_scalar_loss(loss_fn, params, args)
@@ -106,6 +105,21 @@ def adaptive_metric(params: PyTree, eta: float, perturbed: list[bool]) -> PyTree
         params,
         jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), perturbed),
     )
+
+
+def metric_probes(params: PyTree, v: PyTree, eta: Any, perturbed: list[bool]) -> PyTree:
+    """Probes in the adaptive metric, ``T_x v`` with ``T_x = |x| + eta`` (``v`` has a leading
+    sample axis). Differentiable in ``params``."""
+    t = adaptive_metric(params, eta, perturbed)
+    return jax.tree_util.tree_map(lambda ti, vi: (vi * ti).astype(vi.dtype), t, v)
+
+
+def float_grad(fn: Callable[[PyTree], jax.Array], params: PyTree) -> list:
+    """``∇fn(params)`` with respect to the floating-point leaves only, as a list aligned with
+    them (``_tree.perturbed_leaves(params)``); integer and boolean leaves are held fixed, so
+    pytrees with step counters or masks can be differentiated."""
+    active, merge = split(params, _tree.perturbed_leaves(params))
+    return jax.grad(lambda a: fn(merge(a)))(active)
 
 
 def quadratic_forms(

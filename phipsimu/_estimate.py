@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _curvature, _measure, _mu
+from phipsimu import _checks, _curvature, _measure, _mu, _tree
 
 PyTree = Any
 
@@ -47,19 +47,9 @@ class Estimate(NamedTuple):
 
 
 def _check_common(loss_fn: Any, measure: Any, eta: Any) -> None:
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn={loss_fn!r}: must be a callable loss_fn(params, *args)")
-    if not isinstance(measure, _measure.Measure):
-        raise TypeError(
-            f"measure={measure!r}: must be a phipsimu.Measure (e.g. phipsimu.measures.trace())"
-        )
+    _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
+    _measure.check_measure(measure)
     _checks.real("eta", eta, lo=0.0, strict=False)
-
-
-def _metric_probes(params: PyTree, v: PyTree, eta: float, perturbed: list[bool]) -> PyTree:
-    """Probes in the adaptive metric: ``T_x v`` with ``T_x = |x| + eta``."""
-    t = _curvature.adaptive_metric(params, eta, perturbed)
-    return jax.tree_util.tree_map(lambda ti, vi: (vi * ti).astype(vi.dtype), t, v)
 
 
 def sharpness(
@@ -70,6 +60,7 @@ def sharpness(
     batch_size: int | None = None,
     adaptive: bool = False,
     eta: float = 0.0,
+    check_iterations: int = 30,
 ) -> Callable[..., Estimate]:
     """Monte Carlo estimator of the (φ, ψ, μ)-sharpness measure (Definition 1).
 
@@ -90,6 +81,11 @@ def sharpness(
       adaptive: measure ``T_x H T_x`` with ``T_x = diag(|x| + eta)`` instead of H (the
         adaptive metric of MATH.md).
       eta: the metric's floor (>= 0); only used with ``adaptive=True``.
+      check_iterations: for measures whose integral needs a positive definite H (the
+        determinant), Lanczos steps (HVPs) used to certify it: the smallest Ritz value
+        decides NaN (indefinite), 0 / −inf (singular) or the Monte Carlo value. Exact when
+        >= d; 0 disables the check. The adaptive metric ``T_x H T_x`` has the inertia of H
+        when ``T_x`` is nonsingular, so the check runs on H.
 
     Returns:
       ``estimate(params, *args, key) -> Estimate``, pure and jit-able. The same key gives
@@ -110,7 +106,9 @@ def sharpness(
     _check_common(loss_fn, measure, eta)
     _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased is not None else 1)
     _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
+    _checks.integer("check_iterations", check_iterations, lo=0)
     eta = float(eta)
+    check = measure.requires_positive_definite and check_iterations > 0
 
     def estimate(params: PyTree, *args: Any, key: jax.Array) -> Estimate:
         _mu.check_key(key)
@@ -119,10 +117,31 @@ def sharpness(
         d = measure.mu.dim(params)
         v, log_w = measure.mu.sample(key, params, num_samples)
         if adaptive:
-            v = _metric_probes(params, v, eta, perturbed)
+            v = _curvature.metric_probes(params, v, eta, perturbed)
         q = _curvature.quadratic_forms(loss_fn, params, v, args, perturbed, batch_size=batch_size)
         r = _measure.reduce(measure, q.astype(log_w.dtype), log_w, d)
+        if check:
+            r = _certify_definite(r, loss_fn, measure, params, args, key, q, v, perturbed)
         return Estimate(r.value, r.stderr, r.log_value, r.ess, num_samples)
+
+    def _certify_definite(r, loss_fn, measure, params, args, key, q, v, perturbed):
+        # Lazy import: the spectral module builds on this one.
+        from phipsimu import _spectral
+
+        eig = _spectral.top_eigenvalues(
+            loss_fn, 1, which="SA", num_iterations=check_iterations, mask=measure.mu.mask
+        )(params, *args, key=jax.random.fold_in(key, 1))
+        theta = eig.value[0].astype(q.dtype)
+        sq = _tree.batched_sq_norm(v, perturbed).astype(q.dtype)
+        # Ritz values carry rounding of order eps·‖H‖; the probes' mean Rayleigh quotient
+        # (≈ Tr(H)/d) sets the scale.
+        tol = jnp.sqrt(jnp.finfo(q.dtype).eps) * jnp.mean(jnp.abs(q / sq))
+        indefinite, singular = theta < -tol, jnp.abs(theta) <= tol
+        nan = jnp.full_like(r.value, jnp.nan)
+        value = jnp.where(indefinite, nan, jnp.where(singular, 0.0, r.value))
+        log_value = jnp.where(indefinite, nan, jnp.where(singular, -jnp.inf, r.log_value))
+        stderr = jnp.where(indefinite, nan, jnp.where(singular, 0.0, r.stderr))
+        return _measure.Reduction(value, stderr, log_value, r.ess)
 
     return estimate
 
@@ -240,7 +259,9 @@ def dataset_sharpness(
     The same probes are used on every batch and their quadratic forms are accumulated with
     weights ``n_b`` (the batch sizes) *before* ψ is applied, so S is the measure of the full
     data's Hessian — not the mean of per-batch measures, which differs for nonlinear ψ or φ.
-    Equal to :func:`sharpness` on the concatenated data with the same key.
+    Equal to :func:`sharpness` on the concatenated data with the same key. No definiteness
+    certificate runs here (for the determinant, certify with
+    ``top_eigenvalues(..., which="SA")(params, key=key, batches=batches)``).
 
     Args:
       loss_fn: ``loss_fn(params, *batch) -> scalar``, the *mean* loss over a batch.
@@ -268,7 +289,7 @@ def dataset_sharpness(
         d = measure.mu.dim(params)
         v, log_w = measure.mu.sample(key, params, num_samples)
         if adaptive:
-            v = _metric_probes(params, v, eta, perturbed)
+            v = _curvature.metric_probes(params, v, eta, perturbed)
         q = _curvature.dataset_quadratic_forms(
             loss_fn, params, v, batches, perturbed, batch_size=batch_size
         )

@@ -262,8 +262,7 @@ def volume_factor(
       >>> round(float(vf.value), 3)  # ∏_j c^(fan_in + 1 − fan_out) = (2²)³
       64.0
     """
-    if not callable(transform):
-        raise TypeError(f"transform={transform!r}: must be a callable params -> params")
+    _checks.function("transform", transform, "params -> params")
     perturbed = _tree.perturbed_leaves(params, mask)
     diag = _diagonal(params, transform, perturbed)
     if diag is None:
@@ -384,8 +383,7 @@ def check_invariance(
         adaptive=adaptive,
         eta=eta,
     )
-    if not callable(transform):
-        raise TypeError(f"transform={transform!r}: must be a callable params -> params")
+    _checks.function("transform", transform, "params -> params")
     _mu.check_key(key)
     rtol = _checks.real("rtol", rtol, lo=0.0, strict=True)
     loss_rtol = _checks.real("loss_rtol", loss_rtol, lo=0.0, strict=False)

@@ -44,6 +44,8 @@ class Measure:
       spectral: optional closed form of S as a function of the Hessian eigenvalues restricted
         to the perturbed coordinates (used by ``exact_sharpness`` and the tests).
       log_spectral: optional closed form of ``log S`` from the eigenvalues.
+      requires_positive_definite: the integral is finite only for a positive definite H
+        (the determinant); estimators then certify definiteness with a short Lanczos run.
       name: a short label for tables and reprs.
     """
 
@@ -56,6 +58,7 @@ class Measure:
     phi_unbiased: Callable[[Any, int], Any] | None = None
     spectral: Callable[[jax.Array], jax.Array] | None = None
     log_spectral: Callable[[jax.Array], jax.Array] | None = None
+    requires_positive_definite: bool = False
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -84,6 +87,15 @@ class Measure:
     def apply_log_phi(self, log_t: Any, d: int) -> jax.Array:
         """log φ as a function of log t."""
         return self.log_phi(log_t, d) if self.phi_uses_dim else self.log_phi(log_t)
+
+
+def check_measure(measure: Any) -> Measure:
+    """Raise a clear error unless ``measure`` is a :class:`Measure`."""
+    if not isinstance(measure, Measure):
+        raise TypeError(
+            f"measure={measure!r}: must be a phipsimu.Measure (e.g. phipsimu.measures.trace())"
+        )
+    return measure
 
 
 class Reduction(NamedTuple):
@@ -232,13 +244,18 @@ def determinant(*, scale: float = 1.0, mask: Any = None) -> Measure:
     finite where ``value`` over- or underflows. The integral converges only for positive
     definite H. Meaning of the results:
 
-    * a probe with ``vᵀHv <= 0`` proves H is not positive definite: value and log_value
-      are NaN;
+    * :func:`phipsimu.sharpness` certifies definiteness with a short Lanczos run (its
+      ``check_iterations``, exact when >= d): a smallest Ritz value below
+      ``−sqrt(eps)·scale`` gives NaN (indefinite), one within ``±sqrt(eps)·scale`` gives
+      value 0 and log_value −inf (singular: the integral diverges and S = det H = 0), where
+      scale is the mean Rayleigh quotient of the probes;
+    * a probe with ``vᵀHv <= 0`` also proves H is not positive definite: NaN;
     * the closed form (``exact_sharpness``) gives ``log S = −inf`` (S = 0) for a singular
       positive semi-definite H (eigenvalues within ``d·eps·max|λ|`` of zero count as zero),
       where the integral diverges, and NaN for an indefinite H;
-    * Monte Carlo cannot see a singular or indefinite direction that no probe hits: watch
-      ``Estimate.ess``, which collapses when the proposal is poorly matched.
+    * with fewer Lanczos steps than d, a negative or zero direction outside the Krylov
+      space can be missed; ``Estimate.ess`` then collapses (and also flags a poorly
+      matched proposal).
 
     Args:
       scale: standard deviation of the Gaussian proposal for the Lebesgue measure. Choose
@@ -254,6 +271,7 @@ def determinant(*, scale: float = 1.0, mask: Any = None) -> Measure:
         log_phi=_det_log_phi,
         spectral=_det_spectral,
         log_spectral=_det_log_spectral,
+        requires_positive_definite=True,
         name="determinant",
     )
 

@@ -78,6 +78,11 @@ class Sampler:
         """The dimension d of the perturbed parameters (static)."""
         return _tree.num_perturbed(like, self.mask)
 
+    @property
+    def symmetric(self) -> bool:
+        """Whether μ and its proposal are invariant under v → −v (antithetic pairs need it)."""
+        return True
+
     def sample(self, key: jax.Array, like: PyTree, num: int) -> tuple[PyTree, jax.Array]:
         """Draw ``num`` perturbations shaped like ``like``.
 
@@ -93,7 +98,7 @@ class Sampler:
         check_key(key)
         num = _checks.integer("num", num, lo=1)
         perturbed = self.perturbed(like)
-        d = sum(int(x.size) for x, p in zip(jax.tree_util.tree_leaves(like), perturbed) if p)
+        d = self.dim(like)
         if d == 0:
             raise ValueError(
                 "like: no leaf is perturbed (no floating-point leaves, or the mask excludes all)"
@@ -110,11 +115,6 @@ def _normal(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return jax.random.normal(k, shape, dtype)
 
 
-def _weight_dtype(like: PyTree, perturbed: list[bool]) -> Any:
-    leaves = jax.tree_util.tree_leaves(like)
-    return jnp.result_type(*[x.dtype for x, p in zip(leaves, perturbed) if p])
-
-
 @dataclasses.dataclass(frozen=True)
 class Sphere(Sampler):
     """Uniform probability measure on the unit sphere of the whole perturbed vector."""
@@ -125,7 +125,7 @@ class Sphere(Sampler):
         v = jax.tree_util.tree_map(
             lambda x: (x / norm.reshape((num,) + (1,) * (x.ndim - 1))).astype(x.dtype), g
         )
-        return v, jnp.zeros((num,), _weight_dtype(like, perturbed))
+        return v, jnp.zeros((num,), _tree.float_dtype(like, self.mask))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Gaussian(Sampler):
             return (self.stddev * jax.random.normal(k, shape, dtype)).astype(dtype)
 
         v = _tree.random_like(key, like, perturbed, num, draw)
-        return v, jnp.zeros((num,), _weight_dtype(like, perturbed))
+        return v, jnp.zeros((num,), _tree.float_dtype(like, self.mask))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +151,7 @@ class Rademacher(Sampler):
             return jax.random.rademacher(k, shape, dtype)
 
         v = _tree.random_like(key, like, perturbed, num, draw)
-        return v, jnp.zeros((num,), _weight_dtype(like, perturbed))
+        return v, jnp.zeros((num,), _tree.float_dtype(like, self.mask))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +357,15 @@ class ProductDensity(Sampler):
         object.__setattr__(self, "eps", _checks.real("eps", self.eps, lo=0.0, strict=True))
         object.__setattr__(self, "groups", _freeze_groups(self.groups))
 
+    @property
+    def symmetric(self) -> bool:
+        """v → −v flips the sign of a group's product when the group has odd size, so the
+        measure is symmetric only when ``log_f`` ignores the sign (checked at the probes)."""
+        logs = jnp.asarray(_PROBE_LOGS, jnp.float32)
+        plus = jax.vmap(self.log_f)(jnp.ones_like(logs), logs)
+        minus = jax.vmap(self.log_f)(-jnp.ones_like(logs), logs)
+        return bool(jnp.all(plus == minus))
+
     def group_index(self, like: PyTree, perturbed: list[bool]) -> tuple[list, np.ndarray]:
         """Per perturbed leaf, its coordinates' group index in ``0..G−1`` (None for leaves
         that are not perturbed), and the size of each of the G groups (static numpy)."""
@@ -378,7 +387,7 @@ class ProductDensity(Sampler):
     def _draw(self, key, like, num, perturbed, d):
         index, sizes = self.group_index(like, perturbed)
         num_groups = len(sizes)
-        dtype = _weight_dtype(like, perturbed)
+        dtype = _tree.float_dtype(like, self.mask)
         z = _tree.random_like(key, like, perturbed, num, _normal)
         leaves_x = jax.tree_util.tree_leaves(like)
         leaves_z, treedef = jax.tree_util.tree_flatten(z)

@@ -32,16 +32,19 @@ def validate(
     batch_size: Any,
 ) -> None:
     """Construction-time checks shared by the loss and the optax transforms."""
-    if not isinstance(measure, _measure.Measure):
-        raise TypeError(
-            f"measure={measure!r}: must be a phipsimu.Measure (e.g. phipsimu.measures.trace())"
-        )
+    _measure.check_measure(measure)
     _checks.real("rho", rho, lo=0.0, strict=True)
     _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased else 1)
     if antithetic and num_samples % 2:
         raise ValueError(
             f"num_samples={num_samples}: antithetic=True pairs each v with −v and needs an "
             "even number of samples"
+        )
+    if antithetic and not measure.mu.symmetric:
+        raise ValueError(
+            f"antithetic=True: the measure's sampler {type(measure.mu).__name__} is not "
+            "symmetric under v -> -v (its density depends on the sign of the product), so "
+            "pairing v with -v would change the objective"
         )
     if antithetic and measure.phi_unbiased is not None and num_samples < 4:
         raise ValueError(f"num_samples={num_samples}: must be >= 4 with antithetic=True here")
@@ -77,8 +80,7 @@ def sharpness_term(
     draws = num_samples // 2 if antithetic else num_samples
     v, log_w = measure.mu.sample(key, params, draws)
     if adaptive:
-        t = _curvature.adaptive_metric(params, eta, perturbed)
-        v = jax.tree_util.tree_map(lambda ti, vi: (vi * ti).astype(vi.dtype), t, v)
+        v = _curvature.metric_probes(params, v, eta, perturbed)
     chunk = _curvature.DEFAULT_CHUNK if batch_size is None else batch_size
     chunk = None if chunk >= draws else chunk
 
@@ -114,7 +116,10 @@ def sharpness_aware_loss(
 
     At a minimum ``(L_(φ,ψ,μ)(x) − L(x))/ρ² → s·S(x; φ, ψ, μ)`` as ρ → 0 with error O(ρ).
     Its gradient (what ``jax.grad`` returns) is the universal-SAM update
-    ``∇L + s·φ'(·)·mean_i w_i ψ'(Δ_i)·2(∇L(x+ρv_i) − ∇L(x))``.
+    ``∇L + s·φ'(·)·mean_i w_i ψ'(Δ_i)·2(∇L(x+ρv_i) − ∇L(x))`` when the draws do not depend
+    on x; with ``adaptive=True`` or an equivariant proposal (``mu.product_density``) the
+    draws move with x and the gradient also carries ``ρ·J_iᵀ∇L(x+ρv_i)``, ``J_i = ∂v_i/∂x``
+    (the exact, reparameterised gradient of the Monte Carlo objective).
 
     Args:
       loss_fn: ``loss_fn(params, *args)`` returning a scalar, or ``(scalar, aux)`` with
@@ -130,6 +135,8 @@ def sharpness_aware_loss(
         Assumes μ and its proposal are symmetric under v → −v.
       adaptive: perturb as ``x + ρ T_x v`` with ``T_x = |x| + eta`` (ASAM's metric): the
         limit becomes S measured on ``T_x H T_x``, invariant to rescaling symmetries.
+        ``jax.grad`` differentiates through ``T_x`` (the exact gradient of this objective,
+        which keeps it exactly invariant; ASAM instead holds its perturbation fixed).
       eta: the metric floor (>= 0).
       batch_size: perturbed losses evaluated at once (chunked ``vmap``); ``None`` = 4.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux comes from the clean pass at x (as
@@ -158,8 +165,7 @@ def sharpness_aware_loss(
 
     Reference: Tahmasebi et al., eq. (10) and Theorem 2; MATH.md "Eq. (10)".
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn={loss_fn!r}: must be a callable loss_fn(params, *args)")
+    _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
     validate(
         measure,
         rho=rho,

@@ -60,6 +60,17 @@ def _check_axis(axis_name: Any) -> None:
         raise TypeError(f"axis_name={axis_name!r}: must be a str (the mapped axis) or None")
 
 
+def _on_float_leaves(
+    updates: PyTree, params: PyTree, values: list, combine: Callable[[Any, Any], Any]
+) -> PyTree:
+    """``combine(u, g)`` on the leaves of ``updates`` whose parameter is floating point, with
+    ``values`` aligned to those leaves; the other leaves (step counters, masks) pass through."""
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    it = iter(values)
+    out = [combine(u, next(it)) if f else u for u, f in zip(leaves, _tree.perturbed_leaves(params))]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def _pmean(tree: PyTree, axis_name: str | None) -> PyTree:
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
@@ -107,7 +118,7 @@ def sharpness_aware(
         eta=eta,
         batch_size=batch_size,
     )
-    _checks.real("seed", seed, lo=0, strict=False)
+    _checks.seed("seed", seed)
     _check_axis(axis_name)
 
     def init_fn(params: PyTree) -> SharpnessAwareState:
@@ -136,8 +147,10 @@ def sharpness_aware(
                 batch_size=batch_size,
             )
 
-        grad = _pmean(jax.grad(term)(params), axis_name)
-        new = jax.tree_util.tree_map(lambda u, g: (u + strength * g).astype(u.dtype), updates, grad)
+        grad = _pmean(_curvature.float_grad(term, params), axis_name)
+        new = _on_float_leaves(
+            updates, params, grad, lambda u, g: (u + strength * g).astype(u.dtype)
+        )
         return new, SharpnessAwareState(rng_key=rng_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -173,11 +186,13 @@ def sam(
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
         value_fn = _value_fn_or_raise(value_fn, params)
-        g = updates
+        floats = _tree.perturbed_leaves(params)
+        x, merge = _curvature.split(params, floats)
+        g, _ = _curvature.split(updates, floats)
         if axis_name is not None and sync:
             g = jax.lax.pmean(g, axis_name)
         if adaptive:
-            t = _curvature.adaptive_metric(params, eta, _tree.perturbed_leaves(params))
+            t = [jnp.abs(xi) + eta for xi in x]
             tg = _tree.mul(t, g)
             direction = _tree.mul(t, tg)
             norm = jnp.sqrt(_tree.sq_norm(tg))
@@ -187,9 +202,9 @@ def sam(
         # ‖g‖ = 0 only when g = 0: dividing 0 by 1 gives ε = 0; NaN stays NaN (NaN > 0 is
         # false, so the numerator's NaN propagates).
         safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
-        adv = _tree.axpy(rho / safe, direction, params)
-        new = _pmean(jax.grad(value_fn)(adv), axis_name)
-        new = jax.tree_util.tree_map(lambda n, u: n.astype(u.dtype), new, updates)
+        adv = merge(_tree.axpy(rho / safe, direction, x))
+        grad = _pmean(_curvature.float_grad(value_fn, adv), axis_name)
+        new = _on_float_leaves(updates, params, grad, lambda u, n: n.astype(u.dtype))
         return new, state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)

@@ -65,7 +65,7 @@ def float_dtype(params: PyTree, mask: MaskLike = None) -> jnp.dtype:
 
 
 def dot(a: PyTree, b: PyTree) -> jax.Array:
-    """Sum over leaves of the elementwise product (leaves without a float dtype contribute 0)."""
+    """Sum over leaves of the elementwise products (pass only the leaves to include)."""
     terms = [
         jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
     ]
@@ -90,11 +90,6 @@ def scale(alpha: jax.typing.ArrayLike, x: PyTree) -> PyTree:
 def mul(x: PyTree, y: PyTree) -> PyTree:
     """Elementwise product leaf by leaf."""
     return jax.tree_util.tree_map(lambda a, b: (a * b).astype(b.dtype), x, y)
-
-
-def zeros_like_perturbation(params: PyTree) -> PyTree:
-    """Zeros shaped like ``params``, with float0-free dtypes (ints and bools stay as they are)."""
-    return jax.tree_util.tree_map(jnp.zeros_like, params)
 
 
 def random_like(

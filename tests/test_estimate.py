@@ -29,6 +29,9 @@ def references(a: np.ndarray) -> dict[str, float]:
     }
 
 
+# The determinant is checked separately: on SPD quadratics with d <= 6 (an isotropic Lebesgue
+# proposal needs small d for a usable ESS) and through its definiteness certificate (an MLP's
+# Hessian is indefinite, where the determinant measure is NaN by design).
 PRESETS = {
     "trace": phipsimu.measures.trace(),
     "eigen_moment_2": phipsimu.measures.eigen_moment(2),
@@ -121,6 +124,33 @@ def test_determinant_of_indefinite_hessian_is_nan_not_finite():
     )
 
 
+@pytest.mark.parametrize(
+    ("diag", "expect"),
+    [
+        ((1.0, 0.0, 2.0), "singular"),  # det = 0: the Lebesgue integral diverges, S = 0
+        ((1.0, -1e-3, 2.0), "indefinite"),  # mildly indefinite: probes rarely see vᵀHv <= 0
+        ((1.0, 1e-2, 2.0), "definite"),
+    ],
+)
+def test_determinant_certifies_definiteness(diag, expect):
+    """Without the Lanczos certificate these gave confident finite numbers (e.g. 0.09 ± 0.03
+    for a singular H): Monte Carlo alone cannot see a null or slightly negative direction."""
+    loss, params = quadratic_loss(np.diag(diag))
+    est = jax.jit(phipsimu.sharpness(loss, phipsimu.measures.determinant(), num_samples=2000))(
+        params, key=jax.random.key(0)
+    )
+    if expect == "singular":
+        assert float(est.value) == 0.0 and float(est.log_value) == -np.inf
+    elif expect == "indefinite":
+        assert np.isnan(float(est.value)) and np.isnan(float(est.log_value))
+    else:
+        assert np.isfinite(float(est.log_value))
+        unchecked = phipsimu.sharpness(
+            loss, phipsimu.measures.determinant(), num_samples=2000, check_iterations=0
+        )(params, key=jax.random.key(0))
+        assert float(unchecked.value) == float(est.value)
+
+
 class TestExample1:
     """L = x₁²x₂² − 2x₁x₂ + 1: ½Tr H = x₁² + x₂², det H = 0 on x₁x₂ = 1."""
 
@@ -140,6 +170,10 @@ class TestExample1:
         x = jnp.array([k, 1.0 / k])
         exact = phipsimu.exact_sharpness(example1, phipsimu.measures.determinant())(x)
         assert float(exact.value) == 0.0 and float(exact.log_value) == -np.inf
+        est = phipsimu.sharpness(example1, phipsimu.measures.determinant(), num_samples=500)(
+            x, key=jax.random.key(0)
+        )
+        assert float(est.value) == 0.0 and float(est.log_value) == -np.inf
 
     def test_determinant_off_manifold(self):
         x = jnp.array([1.0, 0.5])  # det H = 4x₁²x₂² − (4x₁x₂ − 2)² = 1 − 0 = 1
@@ -235,7 +269,8 @@ def test_nan_loss_gives_nan_estimate():
     def loss(p):
         return jnp.sum(p**2) * jnp.nan
 
-    for measure in PRESETS.values():
+    extra = [phipsimu.measures.determinant(), phipsimu.measures.invariant_gaussian()]
+    for measure in [*PRESETS.values(), *extra]:
         est = phipsimu.sharpness(loss, measure, num_samples=4)(jnp.ones(3), key=jax.random.key(0))
         assert np.isnan(float(est.value))
 
@@ -254,6 +289,12 @@ class TestBadInput:
     def test_frobenius_needs_two_samples(self):
         with pytest.raises(ValueError, match="num_samples=1: must be an int >= 2"):
             phipsimu.sharpness(example1, phipsimu.measures.frobenius(), num_samples=1)
+
+    def test_check_iterations(self):
+        with pytest.raises(ValueError, match="check_iterations=-1"):
+            phipsimu.sharpness(
+                example1, phipsimu.measures.determinant(), num_samples=2, check_iterations=-1
+            )
 
     def test_batch_size_and_eta(self):
         with pytest.raises(ValueError, match="batch_size"):

@@ -224,6 +224,21 @@ class TestBadInput:
         with pytest.raises(ValueError, match=match):
             phipsimu.sharpness_aware_loss(example1, phipsimu.measures.trace(), **full)
 
+    def test_antithetic_needs_a_symmetric_measure(self):
+        # f supported on positive products: v and −v have different densities in 1-D groups
+        def log_f(sign, log_abs):
+            return jnp.where(sign > 0, -jnp.exp(2 * log_abs), -jnp.inf)
+
+        asymmetric = phipsimu.Measure(
+            lambda t: t, lambda t: t, phipsimu.mu.product_density(log_f, groups=None)
+        )
+        with pytest.raises(ValueError, match="antithetic=True"):
+            phipsimu.sharpness_aware_loss(
+                example1, asymmetric, rho=0.1, num_samples=4, antithetic=True
+            )
+        symmetric = phipsimu.measures.invariant_gaussian()
+        phipsimu.sharpness_aware_loss(example1, symmetric, rho=0.1, num_samples=4, antithetic=True)
+
     def test_non_scalar_loss_and_key(self):
         obj = phipsimu.sharpness_aware_loss(
             lambda p: p**2, phipsimu.measures.trace(), rho=0.1, num_samples=2

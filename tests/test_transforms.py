@@ -328,6 +328,29 @@ def test_data_parallel_sharpness_aware_perturbations(sync):
     assert np.allclose(out[0], single, rtol=1e-5, atol=1e-7) == sync
 
 
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_integer_leaves_are_held_fixed(name):
+    """A step counter in the params: never perturbed, never differentiated, its update
+    passes through; the float leaves get the same update as without it."""
+    tx = TRANSFORMS[name]()
+    params = make_params()
+    with_int = {"net": params, "step": jnp.array(3, jnp.int32)}
+
+    def value_fn(p):
+        return mlp_loss(p["net"], X, Y)
+
+    grads = {"net": jax.grad(mlp_loss)(params, X, Y), "step": jnp.zeros((), jnp.int32)}
+    out, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=value_fn))(
+        grads, tx.init(with_int), with_int
+    )
+    ref, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=lambda q: mlp_loss(q, X, Y)))(
+        grads["net"], tx.init(params), params
+    )
+    assert out["step"].dtype == jnp.int32 and int(out["step"]) == 0
+    for a, b in zip(jax.tree_util.tree_leaves(out["net"]), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
 class TestBadInput:
     @pytest.mark.parametrize(
         ("factory", "match"),
@@ -358,6 +381,12 @@ class TestBadInput:
             (lambda: phipsimu.frobenius_sam(rho=0.1, num_samples=1, strength=1.0), "num_samples=1"),
             (lambda: phipsimu.frobenius_sam(rho=0.1, num_samples=4, strength=-1.0), "strength"),
             (lambda: phipsimu.random_sam(rho=-1.0, num_samples=4), "rho=-1.0"),
+            (
+                lambda: phipsimu.sharpness_aware(
+                    phipsimu.measures.trace(), rho=0.1, num_samples=2, seed=1.5
+                ),
+                "seed=1.5",
+            ),
         ],
     )
     def test_construction_errors(self, factory, match):

@@ -85,8 +85,7 @@ class SpectralDensity(NamedTuple):
 
 
 def _check_common(loss_fn: Any, mask: Any, blocks: Any, batch_size: Any) -> None:
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn={loss_fn!r}: must be a callable loss_fn(params, *args)")
+    _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
     if mask is not None and blocks is not None:
         raise ValueError("mask and blocks: give at most one (blocks partitions, mask selects)")
     _checks.integer("batch_size", batch_size, lo=1, allow_none=True)

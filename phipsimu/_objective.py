@@ -14,24 +14,33 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from phipsimu import _checks, _curvature, _measure, _mu, _tree
 
 PyTree = Any
 
 
-def validate(
+def sharpness_term(
     measure: Any,
     *,
     rho: Any,
     num_samples: Any,
     strength: Any,
     antithetic: bool,
+    adaptive: bool,
     eta: Any,
     batch_size: Any,
-) -> None:
-    """Construction-time checks shared by the loss and the optax transforms."""
+) -> Callable[[Callable[[PyTree], jax.Array], PyTree, jax.Array, jax.Array], jax.Array]:
+    """Validate the configuration once and return ``term(value_fn, params, base, key)``, the
+    weighted sharpness term ``s·ρ² φ(mean_i w_i ψ(Δ_i))`` shared by the loss and the optax
+    transforms.
+
+    ``Δ_i = 2(L(x + ρv_i) − L(x))/ρ²``, or with ``antithetic`` the symmetric difference
+    ``(L(x + ρv_i) + L(x − ρv_i) − 2L(x))/ρ²`` over ``num_samples/2`` draws and their
+    negations. With ``adaptive`` the perturbation is ``ρ T_x v`` with ``T_x = |x| + eta``.
+    The term is differentiable in ``params`` (through the perturbed losses, ``base``, ``T_x``
+    and, for equivariant proposals, the draws).
+    """
     _measure.check_measure(measure)
     _checks.real("rho", rho, lo=0.0, strict=True)
     _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased else 1)
@@ -50,49 +59,33 @@ def validate(
         raise ValueError(f"num_samples={num_samples}: must be >= 4 with antithetic=True here")
     _checks.real("strength", strength, lo=0.0, strict=False)
     _checks.real("eta", eta, lo=0.0, strict=False)
-    if batch_size is not None:
-        _checks.integer("batch_size", batch_size, lo=1)
-
-
-def sharpness_term(
-    value_fn: Callable[[PyTree], jax.Array],
-    measure: _measure.Measure,
-    params: PyTree,
-    base: jax.Array,
-    key: jax.Array,
-    *,
-    rho: Any,
-    num_samples: int,
-    antithetic: bool,
-    adaptive: bool,
-    eta: Any,
-    batch_size: int | None,
-) -> jax.Array:
-    """``ρ² φ(mean_i w_i ψ(Δ_i))`` with the finite-difference curvatures ``Δ_i``.
-
-    ``Δ_i = 2(L(x + ρv_i) − L(x))/ρ²``, or with ``antithetic`` the symmetric difference
-    ``(L(x + ρv_i) + L(x − ρv_i) − 2L(x))/ρ²`` over ``num_samples/2`` draws and their negations.
-    With ``adaptive`` the perturbation is ``ρ T_x v`` with ``T_x = |x| + eta``.
-    Differentiable in ``params`` (through the perturbed losses, ``base`` and ``T_x``).
-    """
-    perturbed = measure.mu.perturbed(params)
-    d = measure.mu.dim(params)
+    _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
     draws = num_samples // 2 if antithetic else num_samples
-    v, log_w = measure.mu.sample(key, params, draws)
-    if adaptive:
-        v = _curvature.metric_probes(params, v, eta, perturbed)
     chunk = _curvature.DEFAULT_CHUNK if batch_size is None else batch_size
     chunk = None if chunk >= draws else chunk
 
-    def shifted(sign: float) -> jax.Array:
-        return _tree.batched_map(lambda vi: value_fn(_tree.axpy(sign * rho, vi, params)), v, chunk)
+    def term(
+        value_fn: Callable[[PyTree], jax.Array], params: PyTree, base: jax.Array, key: jax.Array
+    ) -> jax.Array:
+        perturbed = measure.mu.perturbed(params)
+        d = measure.mu.dim(params)
+        v, log_w = measure.mu.sample(key, params, draws)
+        if adaptive:
+            v = _curvature.metric_probes(params, v, eta, perturbed)
 
-    if antithetic:
-        delta = (shifted(1.0) + shifted(-1.0) - 2.0 * base) / rho**2
-    else:
-        delta = 2.0 * (shifted(1.0) - base) / rho**2
-    r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, d, with_stats=False)
-    return rho**2 * r.value
+        def shifted(sign: float) -> jax.Array:
+            return _tree.batched_map(
+                lambda vi: value_fn(_tree.axpy(sign * rho, vi, params)), v, chunk
+            )
+
+        if antithetic:
+            delta = (shifted(1.0) + shifted(-1.0) - 2.0 * base) / rho**2
+        else:
+            delta = 2.0 * (shifted(1.0) - base) / rho**2
+        r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, d, with_stats=False)
+        return strength * rho**2 * r.value.astype(base.dtype)
+
+    return term
 
 
 def sharpness_aware_loss(
@@ -166,12 +159,13 @@ def sharpness_aware_loss(
     Reference: Tahmasebi et al., eq. (10) and Theorem 2; MATH.md "Eq. (10)".
     """
     _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
-    validate(
+    term = sharpness_term(
         measure,
         rho=rho,
         num_samples=num_samples,
         strength=strength,
         antithetic=antithetic,
+        adaptive=adaptive,
         eta=eta,
         batch_size=batch_size,
     )
@@ -194,20 +188,7 @@ def sharpness_aware_loss(
             def value_fn(p):
                 return loss_fn(p, *args)
 
-        term = sharpness_term(
-            value_fn,
-            measure,
-            params,
-            base,
-            key,
-            rho=rho,
-            num_samples=num_samples,
-            antithetic=antithetic,
-            adaptive=adaptive,
-            eta=eta,
-            batch_size=batch_size,
-        )
-        total = base + jnp.asarray(strength, base.dtype) * term.astype(base.dtype)
+        total = base + term(value_fn, params, base, key)
         return (total, aux) if has_aux else total
 
     return objective

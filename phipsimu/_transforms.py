@@ -109,12 +109,13 @@ def sharpness_aware(
       An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
       value_fn, **extra_args)``.
     """
-    _objective.validate(
+    term = _objective.sharpness_term(
         measure,
         rho=rho,
         num_samples=num_samples,
         strength=strength,
         antithetic=antithetic,
+        adaptive=adaptive,
         eta=eta,
         batch_size=batch_size,
     )
@@ -132,25 +133,11 @@ def sharpness_aware(
         if axis_name is not None and not sync:
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
-        def term(p):
-            return _objective.sharpness_term(
-                value_fn,
-                measure,
-                p,
-                value_fn(p),
-                key,
-                rho=rho,
-                num_samples=num_samples,
-                antithetic=antithetic,
-                adaptive=adaptive,
-                eta=eta,
-                batch_size=batch_size,
-            )
-
-        grad = _pmean(_curvature.float_grad(term, params), axis_name)
-        new = _on_float_leaves(
-            updates, params, grad, lambda u, g: (u + strength * g).astype(u.dtype)
+        grad = _pmean(
+            _curvature.float_grad(lambda p: term(value_fn, p, value_fn(p), key), params),
+            axis_name,
         )
+        new = _on_float_leaves(updates, params, grad, lambda u, g: (u + g).astype(u.dtype))
         return new, SharpnessAwareState(rng_key=rng_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -46,16 +46,18 @@ def loss(params, x, y):
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * y, axis=-1))
 
 
-def median_time(fn, *args, repeats, inner=5, **kwargs):
+def timer(fn, *args, inner=5, **kwargs):
+    """A compiled, warmed-up closure returning the mean time of ``inner`` calls."""
     jax.block_until_ready(fn(*args, **kwargs))
-    times = []
-    for _ in range(repeats):
+
+    def run():
         t0 = time.perf_counter()
         for _ in range(inner):
             out = fn(*args, **kwargs)
         jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
+        return (time.perf_counter() - t0) / inner
+
+    return run
 
 
 def naive(m):
@@ -83,25 +85,34 @@ def main():
     params = init(key, [64, 256, 256, 10])
     x = jax.random.normal(jax.random.key(1), (512, 64))
     y = jax.nn.one_hot(jnp.arange(512) % 10, 10)
-    grad = jax.jit(jax.grad(loss))
+    grad = timer(jax.jit(jax.grad(loss)), params, x, y)
     print(f"backend: {jax.default_backend()}, jax {jax.__version__}, repeats {args.repeats}")
     print(
         f"{'probes m':>9}{'vmap all':>10}{'default':>10}{'naive HVP':>11}   (gradients per probe)"
     )
     for m in args.samples:
-        row = []
-        for batch_size in (m, None):
-            fn = jax.jit(
-                phipsimu.sharpness(
-                    loss, phipsimu.measures.trace(), num_samples=m, batch_size=batch_size
-                )
+        timers = [
+            timer(
+                jax.jit(
+                    phipsimu.sharpness(
+                        loss, phipsimu.measures.trace(), num_samples=m, batch_size=batch_size
+                    )
+                ),
+                params,
+                x,
+                y,
+                key=key,
             )
-            t_g = median_time(grad, params, x, y, repeats=args.repeats)
-            t_s = median_time(fn, params, x, y, key=key, repeats=args.repeats)
-            row.append(t_s / (m * t_g))
-        t_g = median_time(grad, params, x, y, repeats=args.repeats)
-        t_n = median_time(naive(m), params, x, y, key, repeats=args.repeats)
-        row.append(t_n / (m * t_g))
+            for batch_size in (m, None)
+        ]
+        timers.append(timer(naive(m), params, x, y, key))
+        # interleave gradient and probe timings in every repeat; median of per-repeat ratios
+        ratios = [[] for _ in timers]
+        for _ in range(args.repeats):
+            t_g = grad()
+            for r, t in zip(ratios, timers):
+                r.append(t() / (m * t_g))
+        row = [statistics.median(r) for r in ratios]
         print(f"{m:>9}{row[0]:>10.2f}{row[1]:>10.2f}{row[2]:>11.2f}")
 
 

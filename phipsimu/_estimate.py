@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _curvature, _measure, _mu, _tree
+from phipsimu import _checks, _curvature, _measure, _mu
 
 PyTree = Any
 
@@ -82,10 +82,12 @@ def sharpness(
         adaptive metric of MATH.md).
       eta: the metric's floor (>= 0); only used with ``adaptive=True``.
       check_iterations: for measures whose integral needs a positive definite H (the
-        determinant), Lanczos steps (HVPs) used to certify it: the smallest Ritz value
-        decides NaN (indefinite), 0 / −inf (singular) or the Monte Carlo value. Exact when
-        >= d; 0 disables the check. The adaptive metric ``T_x H T_x`` has the inertia of H
-        when ``T_x`` is nonsingular, so the check runs on H.
+        determinant), Lanczos steps n (HVPs) used to certify it: the smallest Ritz value,
+        against ``10·n·eps·max|θ|``, decides NaN (indefinite), 0 / −inf (singular) or the
+        Monte Carlo value. Exact when n >= d; 0 disables the check. Costs n HVPs and n + 1
+        copies of the perturbed parameters (full reorthogonalisation). The adaptive metric
+        ``T_x H T_x`` has the inertia of H when ``T_x`` is nonsingular, so the check runs on
+        H, and with ``eta = 0`` a perturbed coordinate equal to 0 makes it singular.
 
     Returns:
       ``estimate(params, *args, key) -> Estimate``, pure and jit-able. The same key gives
@@ -121,22 +123,29 @@ def sharpness(
         q = _curvature.quadratic_forms(loss_fn, params, v, args, perturbed, batch_size=batch_size)
         r = _measure.reduce(measure, q.astype(log_w.dtype), log_w, d)
         if check:
-            r = _certify_definite(r, loss_fn, measure, params, args, key, q, v, perturbed)
+            r = _certify_definite(r, loss_fn, measure, params, args, key, perturbed)
         return Estimate(r.value, r.stderr, r.log_value, r.ess, num_samples)
 
-    def _certify_definite(r, loss_fn, measure, params, args, key, q, v, perturbed):
+    def _certify_definite(r, loss_fn, measure, params, args, key, perturbed):
         # Lazy import: the spectral module builds on this one.
         from phipsimu import _spectral
 
+        d = measure.mu.dim(params)
+        n = min(check_iterations, d)
+        # all n Ritz values, ascending: the extremes bound the spectrum from inside
         eig = _spectral.top_eigenvalues(
-            loss_fn, 1, which="SA", num_iterations=check_iterations, mask=measure.mu.mask
+            loss_fn, n, which="SA", num_iterations=n, mask=measure.mu.mask
         )(params, *args, key=jax.random.fold_in(key, 1))
-        theta = eig.value[0].astype(q.dtype)
-        sq = _tree.batched_sq_norm(v, perturbed).astype(q.dtype)
-        # Ritz values carry rounding of order eps·‖H‖; the probes' mean Rayleigh quotient
-        # (≈ Tr(H)/d) sets the scale.
-        tol = jnp.sqrt(jnp.finfo(q.dtype).eps) * jnp.mean(jnp.abs(q / sq))
-        indefinite, singular = theta < -tol, jnp.abs(theta) <= tol
+        theta = eig.value.astype(r.value.dtype)
+        # rounding in Ritz values is of order eps·‖H‖ per step (the rule exact_sharpness
+        # applies to eigenvalues)
+        tol = 10 * n * jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(theta))
+        indefinite = theta[0] < -tol
+        singular = jnp.abs(theta[0]) <= tol
+        if adaptive and eta == 0.0:
+            # T_x H T_x is singular wherever a perturbed coordinate is 0, whatever H is
+            x, _ = _curvature.split(params, perturbed)
+            singular = singular | jnp.any(jnp.stack([jnp.any(xi == 0) for xi in x]))
         nan = jnp.full_like(r.value, jnp.nan)
         value = jnp.where(indefinite, nan, jnp.where(singular, 0.0, r.value))
         log_value = jnp.where(indefinite, nan, jnp.where(singular, -jnp.inf, r.log_value))
@@ -259,8 +268,8 @@ def dataset_sharpness(
     The same probes are used on every batch and their quadratic forms are accumulated with
     weights ``n_b`` (the batch sizes) *before* ψ is applied, so S is the measure of the full
     data's Hessian — not the mean of per-batch measures, which differs for nonlinear ψ or φ.
-    Equal to :func:`sharpness` on the concatenated data with the same key. No definiteness
-    certificate runs here (for the determinant, certify with
+    Equal to :func:`sharpness` (with ``check_iterations=0``) on the concatenated data with
+    the same key. No definiteness certificate runs here (for the determinant, certify with
     ``top_eigenvalues(..., which="SA")(params, key=key, batches=batches)``).
 
     Args:

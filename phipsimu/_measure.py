@@ -245,10 +245,9 @@ def determinant(*, scale: float = 1.0, mask: Any = None) -> Measure:
     definite H. Meaning of the results:
 
     * :func:`phipsimu.sharpness` certifies definiteness with a short Lanczos run (its
-      ``check_iterations``, exact when >= d): a smallest Ritz value below
-      ``−sqrt(eps)·scale`` gives NaN (indefinite), one within ``±sqrt(eps)·scale`` gives
-      value 0 and log_value −inf (singular: the integral diverges and S = det H = 0), where
-      scale is the mean Rayleigh quotient of the probes;
+      ``check_iterations`` n, exact when n >= d): a smallest Ritz value below
+      ``−10·n·eps·max|θ|`` gives NaN (indefinite), one within that tolerance of 0 gives
+      value 0 and log_value −inf (singular: the integral diverges and S = det H = 0);
     * a probe with ``vᵀHv <= 0`` also proves H is not positive definite: NaN;
     * the closed form (``exact_sharpness``) gives ``log S = −inf`` (S = 0) for a singular
       positive semi-definite H (eigenvalues within ``d·eps·max|λ|`` of zero count as zero),

@@ -78,9 +78,9 @@ class Sampler:
         """The dimension d of the perturbed parameters (static)."""
         return _tree.num_perturbed(like, self.mask)
 
-    @property
-    def symmetric(self) -> bool:
-        """Whether μ and its proposal are invariant under v → −v (antithetic pairs need it)."""
+    def symmetric(self, like: PyTree) -> bool:
+        """Whether μ and its proposal, on params shaped like ``like``, are invariant under
+        v → −v (antithetic pairs need it). Static: decided from shapes, not values."""
         return True
 
     def sample(self, key: jax.Array, like: PyTree, num: int) -> tuple[PyTree, jax.Array]:
@@ -356,15 +356,21 @@ class ProductDensity(Sampler):
         object.__setattr__(self, "scale", _checks.real("scale", self.scale, lo=0.0, strict=True))
         object.__setattr__(self, "eps", _checks.real("eps", self.eps, lo=0.0, strict=True))
         object.__setattr__(self, "groups", _freeze_groups(self.groups))
+        # Decided once, eagerly (also when built inside a jit trace), so it stays static.
+        with jax.ensure_compile_time_eval():
+            logs = jnp.asarray(_PROBE_LOGS, jnp.float32)
+            plus = jax.vmap(self.log_f)(jnp.ones_like(logs), logs)
+            minus = jax.vmap(self.log_f)(-jnp.ones_like(logs), logs)
+            object.__setattr__(self, "_sign_free", bool(np.all(np.asarray(plus == minus))))
 
-    @property
-    def symmetric(self) -> bool:
+    def symmetric(self, like: PyTree) -> bool:
         """v → −v flips the sign of a group's product when the group has odd size, so the
-        measure is symmetric only when ``log_f`` ignores the sign (checked at the probes)."""
-        logs = jnp.asarray(_PROBE_LOGS, jnp.float32)
-        plus = jax.vmap(self.log_f)(jnp.ones_like(logs), logs)
-        minus = jax.vmap(self.log_f)(-jnp.ones_like(logs), logs)
-        return bool(jnp.all(plus == minus))
+        measure is symmetric when every group is even-sized or ``log_f`` ignores the sign
+        (checked at the probes when the sampler is built)."""
+        if self._sign_free:
+            return True
+        _, sizes = self.group_index(like, self.perturbed(like))
+        return bool(np.all(sizes % 2 == 0))
 
     def group_index(self, like: PyTree, perturbed: list[bool]) -> tuple[list, np.ndarray]:
         """Per perturbed leaf, its coordinates' group index in ``0..G−1`` (None for leaves

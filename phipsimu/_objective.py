@@ -49,12 +49,6 @@ def sharpness_term(
             f"num_samples={num_samples}: antithetic=True pairs each v with −v and needs an "
             "even number of samples"
         )
-    if antithetic and not measure.mu.symmetric:
-        raise ValueError(
-            f"antithetic=True: the measure's sampler {type(measure.mu).__name__} is not "
-            "symmetric under v -> -v (its density depends on the sign of the product), so "
-            "pairing v with -v would change the objective"
-        )
     if antithetic and measure.phi_unbiased is not None and num_samples < 4:
         raise ValueError(f"num_samples={num_samples}: must be >= 4 with antithetic=True here")
     _checks.real("strength", strength, lo=0.0, strict=False)
@@ -67,6 +61,13 @@ def sharpness_term(
     def term(
         value_fn: Callable[[PyTree], jax.Array], params: PyTree, base: jax.Array, key: jax.Array
     ) -> jax.Array:
+        if antithetic and not measure.mu.symmetric(params):
+            raise ValueError(
+                f"antithetic=True: the measure's sampler {type(measure.mu).__name__} is not "
+                "symmetric under v -> -v on these params (its density depends on the sign "
+                "of an odd-sized group's product), so pairing v with -v would change the "
+                "objective"
+            )
         perturbed = measure.mu.perturbed(params)
         d = measure.mu.dim(params)
         v, log_w = measure.mu.sample(key, params, draws)

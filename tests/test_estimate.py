@@ -130,6 +130,7 @@ def test_determinant_of_indefinite_hessian_is_nan_not_finite():
         ((1.0, 0.0, 2.0), "singular"),  # det = 0: the Lebesgue integral diverges, S = 0
         ((1.0, -1e-3, 2.0), "indefinite"),  # mildly indefinite: probes rarely see vᵀHv <= 0
         ((1.0, 1e-2, 2.0), "definite"),
+        ((1.0, 1.0, 1.0, 1e-4), "definite"),  # small but nonzero: rounding is eps·‖H‖
     ],
 )
 def test_determinant_certifies_definiteness(diag, expect):
@@ -149,6 +150,18 @@ def test_determinant_certifies_definiteness(diag, expect):
             loss, phipsimu.measures.determinant(), num_samples=2000, check_iterations=0
         )(params, key=jax.random.key(0))
         assert float(unchecked.value) == float(est.value)
+
+
+def test_determinant_adaptive_with_a_zero_coordinate_is_singular():
+    """T_x = |x| with x_0 = 0 makes T_x H T_x singular even though H is positive definite."""
+    a = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
+
+    def loss(x):
+        return 0.5 * (x + 1) @ a @ (x + 1)
+
+    fn = phipsimu.sharpness(loss, phipsimu.measures.determinant(), num_samples=200, adaptive=True)
+    assert float(fn(jnp.array([0.0, 1.0, 2.0]), key=jax.random.key(0)).log_value) == -np.inf
+    assert np.isfinite(float(fn(jnp.array([0.5, 1.0, 2.0]), key=jax.random.key(0)).log_value))
 
 
 class TestExample1:

@@ -225,19 +225,35 @@ class TestBadInput:
             phipsimu.sharpness_aware_loss(example1, phipsimu.measures.trace(), **full)
 
     def test_antithetic_needs_a_symmetric_measure(self):
-        # f supported on positive products: v and −v have different densities in 1-D groups
+        # f supported on positive products: v and −v have different densities when a
+        # group has odd size (v → −v flips its product's sign)
         def log_f(sign, log_abs):
             return jnp.where(sign > 0, -jnp.exp(2 * log_abs), -jnp.inf)
 
-        asymmetric = phipsimu.Measure(
-            lambda t: t, lambda t: t, phipsimu.mu.product_density(log_f, groups=None)
-        )
-        with pytest.raises(ValueError, match="antithetic=True"):
-            phipsimu.sharpness_aware_loss(
-                example1, asymmetric, rho=0.1, num_samples=4, antithetic=True
+        def objective(groups):
+            measure = phipsimu.Measure(
+                lambda t: t, lambda t: t, phipsimu.mu.product_density(log_f, groups=groups)
             )
-        symmetric = phipsimu.measures.invariant_gaussian()
-        phipsimu.sharpness_aware_loss(example1, symmetric, rho=0.1, num_samples=4, antithetic=True)
+            return phipsimu.sharpness_aware_loss(
+                cubic_loss, measure, rho=0.1, num_samples=4, antithetic=True
+            )
+
+        x = jnp.full((4,), 0.5)
+        with pytest.raises(ValueError, match="antithetic=True"):
+            objective(np.array([0, 0, 0, 1]))(x, key=jax.random.key(0))
+        # even-sized groups keep every product's sign: the pairing is valid
+        assert np.isfinite(float(objective(np.array([0, 0, 1, 1]))(x, key=jax.random.key(0))))
+
+    def test_antithetic_invariant_gaussian_under_jit(self):
+        obj = phipsimu.sharpness_aware_loss(
+            example1,
+            phipsimu.measures.invariant_gaussian(),
+            rho=0.1,
+            num_samples=4,
+            antithetic=True,
+        )
+        value = jax.jit(obj)(jnp.array([2.0, 0.5]), key=jax.random.key(0))
+        assert np.isfinite(float(value))
 
     def test_non_scalar_loss_and_key(self):
         obj = phipsimu.sharpness_aware_loss(

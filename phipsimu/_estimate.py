@@ -52,6 +52,29 @@ def _check_common(loss_fn: Any, measure: Any, eta: Any) -> None:
     _checks.real("eta", eta, lo=0.0, strict=False)
 
 
+def _check_probing(measure: _measure.Measure, num_samples: Any, batch_size: Any) -> None:
+    """The Monte Carlo estimators' sizes: probes (2 for an unbiased φ) and chunk size."""
+    _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased is not None else 1)
+    _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
+
+
+def _draw_probes(
+    measure: _measure.Measure,
+    params: PyTree,
+    key: jax.Array,
+    num_samples: int,
+    adaptive: bool,
+    eta: float,
+) -> tuple[PyTree, jax.Array, list[bool], int]:
+    """Probes from ``measure.mu`` (in the adaptive metric if asked), their log-weights, the
+    perturbed leaves and d."""
+    perturbed = measure.mu.perturbed(params)
+    v, log_w = measure.mu.sample(key, params, num_samples)
+    if adaptive:
+        v = _curvature.metric_probes(params, v, eta, perturbed)
+    return v, log_w, perturbed, measure.mu.dim(params)
+
+
 def sharpness(
     loss_fn: Callable[..., jax.Array],
     measure: _measure.Measure,
@@ -106,8 +129,7 @@ def sharpness(
       ()
     """
     _check_common(loss_fn, measure, eta)
-    _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased is not None else 1)
-    _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
+    _check_probing(measure, num_samples, batch_size)
     _checks.integer("check_iterations", check_iterations, lo=0)
     eta = float(eta)
     check = measure.requires_positive_definite and check_iterations > 0
@@ -115,11 +137,7 @@ def sharpness(
     def estimate(params: PyTree, *args: Any, key: jax.Array) -> Estimate:
         _mu.check_key(key)
         _curvature.check_scalar_loss(loss_fn, params, args)
-        perturbed = measure.mu.perturbed(params)
-        d = measure.mu.dim(params)
-        v, log_w = measure.mu.sample(key, params, num_samples)
-        if adaptive:
-            v = _curvature.metric_probes(params, v, eta, perturbed)
+        v, log_w, perturbed, d = _draw_probes(measure, params, key, num_samples, adaptive, eta)
         q = _curvature.quadratic_forms(loss_fn, params, v, args, perturbed, batch_size=batch_size)
         r = _measure.reduce(measure, q.astype(log_w.dtype), log_w, d)
         if check:
@@ -287,18 +305,13 @@ def dataset_sharpness(
       iterable, a bad key.
     """
     _check_common(loss_fn, measure, eta)
-    _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased is not None else 1)
-    _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
+    _check_probing(measure, num_samples, batch_size)
     eta = float(eta)
 
     def estimate(params: PyTree, batches: Any, *, key: jax.Array) -> Estimate:
         _mu.check_key(key)
         _curvature.check_batches(batches)
-        perturbed = measure.mu.perturbed(params)
-        d = measure.mu.dim(params)
-        v, log_w = measure.mu.sample(key, params, num_samples)
-        if adaptive:
-            v = _curvature.metric_probes(params, v, eta, perturbed)
+        v, log_w, perturbed, d = _draw_probes(measure, params, key, num_samples, adaptive, eta)
         q = _curvature.dataset_quadratic_forms(
             loss_fn, params, v, batches, perturbed, batch_size=batch_size
         )

@@ -631,6 +631,39 @@ def _check_slq(num_samples: Any, num_iterations: Any, probes: Any, progress: Any
         raise TypeError(f"progress={progress!r}: must be a bool")
 
 
+def _slq_estimator(
+    loss_fn: Callable[..., jax.Array],
+    finish: Callable[[jax.Array, jax.Array, int], Any],
+    *,
+    num_samples: int,
+    num_iterations: int,
+    probes: str,
+    mask: Any,
+    blocks: Any,
+    batch_size: int | None,
+    progress: bool,
+) -> Callable[..., Any]:
+    """``fn(params, *args, key, batches=None)`` running SLQ and returning
+    ``finish(theta, tau, d)`` (Ritz values, Gauss weights, dimension), per block if asked;
+    shared by :func:`trace_function`, :func:`log_determinant` and :func:`spectral_density`.
+    Validates the arguments they share."""
+    _check_common(loss_fn, mask, blocks, batch_size)
+    _check_slq(num_samples, num_iterations, probes, progress)
+
+    def build(m: Any) -> Callable[..., Any]:
+        def run(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> Any:
+            theta, tau, d = _slq(
+                loss_fn, params, args, batches, key, mask=m, probes=probes,
+                num_samples=num_samples, num_iterations=num_iterations,
+                batch_size=batch_size, progress=progress,
+            )  # fmt: skip
+            return finish(theta, tau, d)
+
+        return run
+
+    return _with_blocks(build, mask, blocks)
+
+
 def trace_function(
     loss_fn: Callable[..., jax.Array],
     f: Callable[[jax.Array], jax.Array],
@@ -669,23 +702,23 @@ def trace_function(
 
     Reference: Ubaru, Chen & Saad (2017); Golub & Meurant (2010).
     """
-    _check_common(loss_fn, mask, blocks, batch_size)
     if not callable(f):
         raise TypeError(f"f={f!r}: must be a callable applied to the eigenvalues")
-    _check_slq(num_samples, num_iterations, probes, progress)
 
-    def build(m: Any) -> Callable[..., Estimate]:
-        def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None):
-            theta, tau, d = _slq(
-                loss_fn, params, args, batches, key, mask=m, probes=probes,
-                num_samples=num_samples, num_iterations=num_iterations,
-                batch_size=batch_size, progress=progress,
-            )  # fmt: skip
-            return _slq_estimate(d * jnp.sum(tau * f(theta), axis=1))
+    def finish(theta: jax.Array, tau: jax.Array, d: int) -> Estimate:
+        return _slq_estimate(d * jnp.sum(tau * f(theta), axis=1))
 
-        return estimate
-
-    return _with_blocks(build, mask, blocks)
+    return _slq_estimator(
+        loss_fn,
+        finish,
+        num_samples=num_samples,
+        num_iterations=num_iterations,
+        probes=probes,
+        mask=mask,
+        blocks=blocks,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 def log_determinant(
@@ -743,30 +776,30 @@ def log_determinant(
 
     Reference: Ubaru, Chen & Saad (2017); MATH.md, Table 1 "determinant".
     """
-    _check_common(loss_fn, mask, blocks, batch_size)
     damping = _checks.real("damping", damping, lo=0.0, strict=False)
-    _check_slq(num_samples, num_iterations, probes, progress)
 
-    def build(m: Any) -> Callable[..., Estimate]:
-        def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None):
-            theta, tau, d = _slq(
-                loss_fn, params, args, batches, key, mask=m, probes=probes,
-                num_samples=num_samples, num_iterations=num_iterations,
-                batch_size=batch_size, progress=progress,
-            )  # fmt: skip
-            shifted = theta + damping
-            tol = shifted.shape[1] * jnp.finfo(shifted.dtype).eps * jnp.max(jnp.abs(shifted))
-            low = jnp.min(shifted)
-            per_probe = d * jnp.sum(tau * jnp.log(jnp.where(shifted > tol, shifted, 1.0)), axis=1)
-            est = _slq_estimate(per_probe)
-            bad = jnp.where(low < -tol, jnp.nan, -jnp.inf)
-            value = jnp.where(low > tol, est.value, bad)
-            stderr = jnp.where(low > tol, est.stderr, jnp.nan)
-            return est._replace(value=value, stderr=stderr, log_value=jnp.log(value))
+    def finish(theta: jax.Array, tau: jax.Array, d: int) -> Estimate:
+        shifted = theta + damping
+        tol = shifted.shape[1] * jnp.finfo(shifted.dtype).eps * jnp.max(jnp.abs(shifted))
+        low = jnp.min(shifted)
+        per_probe = d * jnp.sum(tau * jnp.log(jnp.where(shifted > tol, shifted, 1.0)), axis=1)
+        est = _slq_estimate(per_probe)
+        bad = jnp.where(low < -tol, jnp.nan, -jnp.inf)
+        value = jnp.where(low > tol, est.value, bad)
+        stderr = jnp.where(low > tol, est.stderr, jnp.nan)
+        return est._replace(value=value, stderr=stderr, log_value=jnp.log(value))
 
-        return estimate
-
-    return _with_blocks(build, mask, blocks)
+    return _slq_estimator(
+        loss_fn,
+        finish,
+        num_samples=num_samples,
+        num_iterations=num_iterations,
+        probes=probes,
+        mask=mask,
+        blocks=blocks,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 def spectral_density(
@@ -810,40 +843,40 @@ def spectral_density(
 
     Reference: Lin, Saad & Yang (2016); Ghorbani, Krishnan & Xiao (2019); Yao et al. (2020).
     """
-    _check_common(loss_fn, mask, blocks, batch_size)
-    _check_slq(num_samples, num_iterations, probes, progress)
     _checks.integer("grid_size", grid_size, lo=2)
     if bandwidth is not None:
         bandwidth = _checks.real("bandwidth", bandwidth, lo=0.0, strict=True)
 
-    def build(m: Any) -> Callable[..., SpectralDensity]:
-        def density(params: PyTree, *args: Any, key: jax.Array, batches: Any = None):
-            theta, tau, _ = _slq(
-                loss_fn, params, args, batches, key, mask=m, probes=probes,
-                num_samples=num_samples, num_iterations=num_iterations,
-                batch_size=batch_size, progress=progress,
-            )  # fmt: skip
-            lo, hi = jnp.min(theta), jnp.max(theta)
-            if bandwidth is None:
-                # floor relative to the spectrum's scale (a coincident spectrum has no spread);
-                # eps itself only for H = 0, which has no scale at all
-                eps = jnp.finfo(theta.dtype).eps
-                tiny = eps * jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-                sigma = jnp.maximum((hi - lo) / theta.shape[1], tiny)
-                sigma = jnp.where(sigma > 0, sigma, eps)
-            else:
-                sigma = jnp.asarray(bandwidth, theta.dtype)
-            grid = jnp.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size, dtype=theta.dtype)
-            z = (grid[None, None, :] - theta[:, :, None]) / sigma
-            kern = jnp.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
-            per_probe = jnp.sum(tau[:, :, None] * kern, axis=1)
-            dens = jnp.mean(per_probe, axis=0)
-            stderr = _measure._std_mean(per_probe)
-            return SpectralDensity(theta, tau, grid, dens, stderr, sigma)
+    def finish(theta: jax.Array, tau: jax.Array, d: int) -> SpectralDensity:
+        lo, hi = jnp.min(theta), jnp.max(theta)
+        if bandwidth is None:
+            # floor relative to the spectrum's scale (a coincident spectrum has no spread);
+            # eps itself only for H = 0, which has no scale at all
+            eps = jnp.finfo(theta.dtype).eps
+            tiny = eps * jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+            sigma = jnp.maximum((hi - lo) / theta.shape[1], tiny)
+            sigma = jnp.where(sigma > 0, sigma, eps)
+        else:
+            sigma = jnp.asarray(bandwidth, theta.dtype)
+        grid = jnp.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_size, dtype=theta.dtype)
+        z = (grid[None, None, :] - theta[:, :, None]) / sigma
+        kern = jnp.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
+        per_probe = jnp.sum(tau[:, :, None] * kern, axis=1)
+        dens = jnp.mean(per_probe, axis=0)
+        stderr = _measure._std_mean(per_probe)
+        return SpectralDensity(theta, tau, grid, dens, stderr, sigma)
 
-        return density
-
-    return _with_blocks(build, mask, blocks)
+    return _slq_estimator(
+        loss_fn,
+        finish,
+        num_samples=num_samples,
+        num_iterations=num_iterations,
+        probes=probes,
+        mask=mask,
+        blocks=blocks,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 # ---------------------------------------------------------------- trace estimators

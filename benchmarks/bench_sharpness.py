@@ -20,22 +20,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from _mlp import init_mlp
 
 import phipsimu
-
-
-def init(key, sizes):
-    params = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        key, sub = jax.random.split(key)
-        params.append(
-            {
-                "w": jax.random.normal(sub, (fan_in, fan_out)) / np.sqrt(fan_in),
-                "b": jnp.zeros(fan_out),
-            }
-        )
-    return params
 
 
 def loss(params, x, y):
@@ -82,7 +69,7 @@ def main():
     parser.add_argument("--samples", type=int, nargs="+", default=[4, 16, 64])
     args = parser.parse_args()
     key = jax.random.key(0)
-    params = init(key, [64, 256, 256, 10])
+    params = init_mlp(key, [64, 256, 256, 10])
     x = jax.random.normal(jax.random.key(1), (512, 64))
     y = jax.nn.one_hot(jnp.arange(512) % 10, 10)
     grad = timer(jax.jit(jax.grad(loss)), params, x, y)

@@ -25,23 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _mlp import init_mlp
 from sklearn.datasets import load_digits
 
 import phipsimu
 from phipsimu import _spectral
-
-
-def init(key, sizes):
-    params = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        key, sub = jax.random.split(key)
-        params.append(
-            {
-                "w": jax.random.normal(sub, (fan_in, fan_out)) / np.sqrt(fan_in),
-                "b": jnp.zeros(fan_out),
-            }
-        )
-    return params
 
 
 def loss(params, x, y):
@@ -56,7 +44,7 @@ def trained_mlp(steps):
     digits = load_digits()
     x = jnp.asarray(digits.data / 16.0, jnp.float32)
     y = jax.nn.one_hot(digits.target, 10)
-    params = init(jax.random.key(0), [64, 32, 10])
+    params = init_mlp(jax.random.key(0), [64, 32, 10])
     opt = optax.adam(1e-2)
     state = opt.init(params)
 

@@ -17,24 +17,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from _mlp import init_mlp
 from sklearn.datasets import load_digits
 
 import phipsimu
-
-
-def init(key, sizes):
-    params = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        key, sub = jax.random.split(key)
-        params.append(
-            {
-                "w": jax.random.normal(sub, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in),
-                "b": jnp.zeros(fan_out),
-            }
-        )
-    return params
 
 
 def loss(params, x, y):
@@ -87,7 +74,7 @@ def main():
     data = load_digits()
     x = jnp.asarray(data.data[:256] / 16.0, jnp.float32)
     y = jnp.asarray(data.target[:256])
-    params = init(jax.random.key(0), [64, 128, 128, 10])
+    params = init_mlp(jax.random.key(0), [64, 128, 128, 10], gain=2.0)
     print(f"backend: {jax.default_backend()}, jax {jax.__version__}, optax {optax.__version__}")
     ref = optax.contrib.sam(
         optax.sgd(0.1),

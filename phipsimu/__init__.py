@@ -3,7 +3,7 @@
 Reference: Tahmasebi, Soleymani, Jegelka, Jaillet, "On Scale-Invariant Sharpness Measures".
 """
 
-from phipsimu import measures, mu, symmetries
+from phipsimu import examples, measures, mu, symmetries
 from phipsimu._curvature import hvp
 from phipsimu._estimate import (
     MAX_DENSE_DIM,
@@ -47,6 +47,7 @@ __all__ = [
     "check_invariance",
     "dataset_sharpness",
     "exact_sharpness",
+    "examples",
     "frobenius_sam",
     "hessian_trace",
     "hvp",

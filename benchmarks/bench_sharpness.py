@@ -82,7 +82,7 @@ def main():
             timer(
                 jax.jit(
                     phipsimu.sharpness(
-                        loss, phipsimu.measures.trace(), num_samples=m, batch_size=batch_size
+                        loss, phipsimu.measures.trace(), num_samples=m, chunk_size=chunk_size
                     )
                 ),
                 params,
@@ -90,7 +90,7 @@ def main():
                 y,
                 key=key,
             )
-            for batch_size in (m, None)
+            for chunk_size in (m, None)
         ]
         timers.append(timer(naive(m), params, x, y, key))
         # interleave gradient and probe timings in every repeat; median of per-repeat ratios

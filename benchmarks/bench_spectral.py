@@ -29,7 +29,7 @@ from _mlp import init_mlp
 from sklearn.datasets import load_digits
 
 import phipsimu
-from phipsimu import _spectral
+from phipsimu import _curvature, _krylov
 
 
 def loss(params, x, y):
@@ -64,12 +64,9 @@ def lanczos_matvecs_to_tol(params, x, y, lam_max, n_max, key, tol):
     eig = jax.jit(phipsimu.top_eigenvalues(loss, 1, num_iterations=n_max))
     # the public result of the full run, and T from the same Lanczos recurrence
     top = float(eig(params, x, y, key=key).value[0])
-    perturbed = jax.tree_util.tree_map(lambda _: True, params)
-    op = _spectral._operator(
-        loss, params, (x, y), None, jax.tree_util.tree_leaves(perturbed), 1, None
-    )
-    v0, _ = _spectral._probes("gaussian", None, key, params, 1, [True] * 4)
-    s = jax.jit(lambda v: _spectral._lanczos(op, v, n_max))(v0)
+    start = phipsimu.mu.gaussian().draw(key, params, 1)
+    op = _curvature.bind(phipsimu.curvature.hessian(loss), params, (x, y), None, start.perturbed, 1)
+    s = jax.jit(lambda v: _krylov.lanczos(op, v, n_max))(start.active())
     alpha, beta = np.asarray(s.alpha[0], np.float64), np.asarray(s.beta[0], np.float64)
     for n in range(1, n_max + 1):
         t = np.diag(alpha[:n]) + np.diag(beta[: n - 1], 1) + np.diag(beta[: n - 1], -1)

@@ -3,29 +3,22 @@
 Reference: Tahmasebi, Soleymani, Jegelka, Jaillet, "On Scale-Invariant Sharpness Measures".
 """
 
-from phipsimu import examples, measures, mu, symmetries
-from phipsimu._curvature import hvp
-from phipsimu._estimate import (
-    MAX_DENSE_DIM,
-    Estimate,
-    dataset_sharpness,
-    exact_sharpness,
-    sharpness,
-)
+from phipsimu import curvature, examples, measures, mu, symmetries
+from phipsimu._curvature import MAX_DENSE_DIM, hvp
+from phipsimu._estimate import exact_sharpness, sharpness
 from phipsimu._invariance import InvarianceReport, check_invariance
-from phipsimu._measure import Measure
+from phipsimu._measure import Estimate, Measure
 from phipsimu._objective import sharpness_aware_loss
 from phipsimu._spectral import (
     EigenResult,
     SpectralDensity,
-    hessian_trace,
-    layer_blocks,
     log_determinant,
     power_iteration,
     spectral_density,
     top_eigenvalues,
     trace_function,
 )
+from phipsimu._trace import hessian_diagonal, hessian_trace
 from phipsimu._transforms import (
     SharpnessAwareState,
     frobenius_sam,
@@ -33,6 +26,7 @@ from phipsimu._transforms import (
     sam,
     sharpness_aware,
 )
+from phipsimu._tree import layer_blocks
 
 __version__ = "0.1.0"
 
@@ -45,10 +39,11 @@ __all__ = [
     "SharpnessAwareState",
     "SpectralDensity",
     "check_invariance",
-    "dataset_sharpness",
+    "curvature",
     "exact_sharpness",
     "examples",
     "frobenius_sam",
+    "hessian_diagonal",
     "hessian_trace",
     "hvp",
     "layer_blocks",

@@ -61,3 +61,37 @@ def seed(name: str, value: Any) -> Any:
     elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     raise ValueError(f"{name}={value!r}: must be a non-negative int")
+
+
+def check_key(key: Any, name: str = "key") -> None:
+    """Raise a clear error unless ``key`` is a JAX PRNG key (typed or raw uint32[2])."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if jax.numpy.shape(key) == ():
+            return
+    elif dtype == jax.numpy.uint32 and jax.numpy.shape(key) == (2,):
+        return
+    raise TypeError(
+        f"{name}={key!r}: must be a single JAX PRNG key, from jax.random.key(seed) or "
+        "jax.random.PRNGKey(seed)"
+    )
+
+
+def check_scalar_loss(loss_fn: Any, params: Any, args: tuple, name: str = "loss_fn") -> None:
+    """Raise a clear error unless ``loss_fn(params, *args)`` is a real floating-point scalar
+    (checked on shapes only, with ``jax.eval_shape``)."""
+    out = jax.eval_shape(loss_fn, params, *args)
+    shape = getattr(out, "shape", None)
+    dtype = getattr(out, "dtype", None)
+    if shape != () or dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        raise ValueError(
+            f"{name}: must return a real floating-point scalar, got {out!r}; "
+            "reduce the loss over the batch (e.g. jnp.mean) before returning it"
+        )
+
+
+def flag(name: str, value: Any) -> bool:
+    """A Python bool (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: must be a bool")
+    return value

@@ -1,67 +1,209 @@
-"""Curvature: the only module that differentiates twice.
+"""Curvature operators: the only module that differentiates twice.
 
-Two primitives, both here and nowhere else:
+An operator is a symmetric matrix ``C(x)`` over the perturbed parameter coordinates, given by
+two primitives on one batch of data (``args``):
 
-* ``hvp``: the Hessian-vector product ``∇²L(x)v``, forward-over-reverse (``jvp`` of ``grad``);
-* ``quadratic_forms``: ``vᵀ∇²L(x)v`` for a batch of probes, as the second directional
-  derivative ``d²/dt² L(x + tv)`` at t = 0 (forward-over-forward). A quadratic form needs no
-  full ``Hv``; forward-over-forward costs about one gradient per probe where the vmapped
-  forward-over-reverse product cost 2–3 (``benchmarks/bench_sharpness.py``).
+* the matrix-vector product ``Cv``;
+* the quadratic form ``vᵀCv`` (for the Hessian the second directional derivative
+  ``d²/dt² L(x + tv)`` at t = 0, forward-over-forward, about one gradient per probe where a
+  vmapped forward-over-reverse product costs 2–3, ``benchmarks/bench_sharpness.py``).
 
-Only floating-point (and unmasked) leaves are differentiated; others are held fixed.
+Operators here: :func:`hessian` (``∇²L``), :func:`gauss_newton` (``Jᵀ∇²ℓJ``) and
+:func:`linear_operator` (a user's own matvec). All are frozen, hashable dataclasses, so they can
+be closed over or passed as static arguments of ``jax.jit``. Every estimator accepts one in
+place of a loss function (a loss function means its Hessian).
+
+This module also owns the dataset sweep (``batches=``: the operator of the dataset mean loss as
+the batch-size-weighted mean of per-batch operators) and the adaptive metric ``T_x = |x| + η``.
+Only floating-point (and unmasked) leaves are differentiated; the others are held fixed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from phipsimu import _checks, _tree
 
 PyTree = Any
 
-#: Probes per chunk when ``batch_size=None``. On an MLP 64-256-256-10 with batch 512 (CPU),
+#: Probes per chunk when ``chunk_size=None``. On an MLP 64-256-256-10 with batch 512 (CPU),
 #: chunks of 4 cost 1.0–1.6 gradients per probe for 16–64 probes, a single ``vmap`` over all
 #: probes 2.1–2.2 (``benchmarks/bench_sharpness.py``).
 DEFAULT_CHUNK = 4
 
+#: Largest number of perturbed coordinates the dense paths accept by default
+#: (``exact_sharpness``, ``hessian_diagonal(exact=True)``). A dense float32 matrix of this size
+#: takes 64 MiB and its eigendecomposition a few seconds on CPU.
+MAX_DENSE_DIM = 4096
 
-def check_scalar_loss(loss_fn: Callable, params: PyTree, args: tuple) -> None:
-    """Raise a clear error unless ``loss_fn(params, *args)`` is a real scalar."""
-    out = jax.eval_shape(loss_fn, params, *args)
-    shape = getattr(out, "shape", None)
-    dtype = getattr(out, "dtype", None)
-    if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"loss_fn: must return a real floating-point scalar, got {out!r}; "
-            "reduce the loss over the batch (e.g. jnp.mean) before returning it"
+
+class Restricted(NamedTuple):
+    """An operator on one batch, as functions of one vector given as the list of perturbed
+    leaves: ``matvec(v) -> Cv`` (same list structure) and ``quad(v) -> vᵀCv``."""
+
+    matvec: Callable[[list], list]
+    quad: Callable[[list], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    """A symmetric curvature operator ``C(x; args)`` over the perturbed leaves of the params.
+
+    Subclasses implement :meth:`restrict` (and may override :meth:`check` and
+    :meth:`dense_matrix`). The public methods work on pytrees shaped like the params: the
+    product is zero on leaves that are not perturbed (integer leaves, or leaves a ``mask``
+    excludes). With ``batches`` (a list of batches, or a zero-argument callable returning a
+    fresh iterable; a tuple batch is unpacked into the operator's ``args``), C is the operator
+    of the dataset mean loss: the batch-size-weighted mean of the per-batch operators.
+    """
+
+    def check(self, params: PyTree, args: tuple) -> None:
+        """Raise a clear error when the operator cannot be evaluated on ``(params, *args)``."""
+
+    def restrict(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> Restricted:
+        """The operator on one batch, restricted to the perturbed leaves."""
+        raise NotImplementedError
+
+    def dense_matrix(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> jax.Array:
+        """The dense ``(d, d)`` matrix over the perturbed coordinates (``ravel_pytree``
+        order), from d matrix-vector products with the identity's columns."""
+        flat, unravel = ravel_pytree(_tree.active(params, perturbed))
+        mv = self.restrict(params, perturbed, args).matvec
+        eye = jnp.eye(flat.shape[0], dtype=flat.dtype)
+        return jax.vmap(lambda e: ravel_pytree(mv(unravel(e)))[0])(eye)
+
+    # ------------------------------------------------------------ public, pytree level
+
+    def matvec(
+        self, params: PyTree, v: PyTree, *args: Any, batches: Any = None, mask: Any = None
+    ) -> PyTree:
+        """``C v``, shaped like ``params`` (zero on leaves that are not perturbed).
+
+        Args:
+          params: the parameters x.
+          v: a pytree shaped like ``params``.
+          *args: the operator's data arguments (none with ``batches``).
+          batches: sweep a dataset instead (see the class docs); call eagerly then.
+          mask: which leaves the operator acts on (a pytree of bools or a callable; None for
+            every floating-point leaf).
+        """
+        perturbed = _tree.perturbed_leaves(params, mask)
+        vs = _tree.active(v, perturbed)
+        if batches is None:
+            self.check(params, args)
+            out = self.restrict(params, perturbed, args).matvec(vs)
+        else:
+            _check_sweep(batches, args)
+            vs1 = [x[None] for x in vs]
+            out = dataset_mean(
+                lambda *b: _jit_matvecs(self, tuple(perturbed), 1, params, vs1, b), batches
+            )
+            out = [x[0] for x in out]
+        return _tree.unsplit(params, perturbed, out)
+
+    def quadratic_forms(
+        self,
+        params: PyTree,
+        v: PyTree,
+        *args: Any,
+        batches: Any = None,
+        mask: Any = None,
+        chunk_size: int | None = None,
+    ) -> jax.Array:
+        """``vᵢᵀ C vᵢ`` for every probe ``vᵢ`` (the leading axis of every leaf of ``v``).
+
+        ``chunk_size`` probes are evaluated at a time (``vmap`` inside a chunked
+        ``lax.map``); None uses :data:`DEFAULT_CHUNK`. Other arguments as in :meth:`matvec`.
+        """
+        _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
+        perturbed = _tree.perturbed_leaves(params, mask)
+        return bind(self, params, args, batches, perturbed, chunk_size).quad(
+            _tree.active(v, perturbed)
         )
 
-
-def split(params: PyTree, perturbed: list[bool]) -> tuple[list, Callable[[list], PyTree]]:
-    """The perturbed leaves of ``params`` and a function that puts new ones back."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    active = [x for x, p in zip(leaves, perturbed) if p]
-
-    def merge(new_active: list) -> PyTree:
-        it = iter(new_active)
-        return jax.tree_util.tree_unflatten(
-            treedef, [next(it) if p else x for x, p in zip(leaves, perturbed)]
-        )
-
-    return active, merge
+    def dense(self, params: PyTree, *args: Any, batches: Any = None, mask: Any = None):
+        """The dense ``(d, d)`` matrix over the perturbed coordinates, in ``ravel_pytree``
+        order of the perturbed leaves (small d only: d matrix-vector products, d² numbers)."""
+        perturbed = _tree.perturbed_leaves(params, mask)
+        return dense(self, params, args, batches, perturbed)
 
 
-def _restricted(loss_fn: Callable, params: PyTree, perturbed: list[bool], args: tuple):
-    active, merge = split(params, perturbed)
-    return (lambda a: loss_fn(merge(a), *args)), active
+def as_operator(loss_fn: Any) -> Operator:
+    """An estimator's first argument as an operator: an :class:`Operator` as it is, a loss
+    function as its Hessian.
+
+    Raises:
+      TypeError: for anything else.
+    """
+    if isinstance(loss_fn, Operator):
+        return loss_fn
+    _checks.function("loss_fn", loss_fn, "loss_fn(params, *args) or a phipsimu.curvature operator")
+    return Hessian(loss_fn)
 
 
-def _active(v: PyTree, perturbed: list[bool]) -> list:
-    return [x for x, p in zip(jax.tree_util.tree_leaves(v), perturbed) if p]
+# ---------------------------------------------------------------- the Hessian
+
+
+@dataclasses.dataclass(frozen=True)
+class Hessian(Operator):
+    """``∇²L(x)`` of ``loss_fn(params, *args)``; see :func:`hessian`."""
+
+    loss_fn: Callable[..., jax.Array]
+
+    def check(self, params: PyTree, args: tuple) -> None:
+        _checks.check_scalar_loss(self.loss_fn, params, args)
+
+    def _restricted_loss(self, params, perturbed, args):
+        active, merge = _tree.split(params, perturbed)
+        return (lambda a: self.loss_fn(merge(a), *args)), active
+
+    def restrict(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> Restricted:
+        f, active = self._restricted_loss(params, perturbed, args)
+
+        def matvec(v: list) -> list:
+            return jax.jvp(jax.grad(f), (active,), (v,))[1]
+
+        def quad(v: list) -> jax.Array:
+            def directional(a: list) -> jax.Array:
+                return jax.jvp(f, (a,), (v,))[1]
+
+            return jax.jvp(directional, (active,), (v,))[1]
+
+        return Restricted(matvec, quad)
+
+    def dense_matrix(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> jax.Array:
+        f, active = self._restricted_loss(params, perturbed, args)
+        flat, unravel = ravel_pytree(active)
+        return jax.hessian(lambda z: f(unravel(z)))(flat)
+
+
+def hessian(loss_fn: Callable[..., jax.Array]) -> Hessian:
+    """The Hessian ``∇²L(x)`` of ``loss_fn`` with respect to its first argument.
+
+    Products are forward-over-reverse (``jax.jvp`` of ``jax.grad``); quadratic forms
+    ``vᵀ∇²Lv`` are second directional derivatives (forward-over-forward, about one gradient
+    each). This is what every estimator uses when given a loss function.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar``.
+
+    Returns:
+      a :class:`Hessian` operator (frozen, hashable).
+
+    Example:
+      >>> import jax.numpy as jnp, phipsimu
+      >>> h = phipsimu.curvature.hessian(lambda p: jnp.sum(p**3))
+      >>> h.matvec(jnp.array([1.0, 2.0]), jnp.array([1.0, 0.0]))
+      Array([6., 0.], dtype=float32)
+    """
+    _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
+    return Hessian(loss_fn)
 
 
 def hvp(loss_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
@@ -70,7 +212,8 @@ def hvp(loss_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
     .. math:: (x, v) \\mapsto \\nabla^2 L(x)\\, v
 
     Forward-over-reverse (``jax.jvp`` of ``jax.grad``). Leaves of ``params`` that are not
-    floating point are not differentiated; the product is zero there.
+    floating point are not differentiated; the product is zero there. The same as
+    ``phipsimu.curvature.hessian(loss_fn).matvec``.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
@@ -85,78 +228,221 @@ def hvp(loss_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
       >>> phipsimu.hvp(loss)(jnp.array([1.0, 2.0]), jnp.array([1.0, 0.0]))
       Array([6., 0.], dtype=float32)
     """
-    _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
-
-    def hvp_fn(params: PyTree, v: PyTree, *args: Any) -> PyTree:
-        check_scalar_loss(loss_fn, params, args)
-        perturbed = _tree.perturbed_leaves(params)
-        f, active = _restricted(loss_fn, params, perturbed, args)
-        _, hv = jax.jvp(jax.grad(f), (active,), (_active(v, perturbed),))
-        _, merge = split(jax.tree_util.tree_map(jnp.zeros_like, params), perturbed)
-        return merge(hv)
-
-    return hvp_fn
+    return hessian(loss_fn).matvec
 
 
-def adaptive_metric(params: PyTree, eta: float, perturbed: list[bool]) -> PyTree:
-    """``T_x = |x| + eta`` on perturbed leaves (ASAM's metric; MATH.md "Adaptive metric")."""
-    return jax.tree_util.tree_map(
-        lambda x, p: (jnp.abs(x) + eta).astype(x.dtype) if p else jnp.zeros_like(x),
-        params,
-        jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), perturbed),
-    )
+# ---------------------------------------------------------------- Gauss–Newton
 
 
-def metric_probes(params: PyTree, v: PyTree, eta: Any, perturbed: list[bool]) -> PyTree:
-    """Probes in the adaptive metric, ``T_x v`` with ``T_x = |x| + eta`` (``v`` has a leading
-    sample axis). Differentiable in ``params``."""
-    t = adaptive_metric(params, eta, perturbed)
-    return jax.tree_util.tree_map(lambda ti, vi: (vi * ti).astype(vi.dtype), t, v)
+@dataclasses.dataclass(frozen=True)
+class GaussNewton(Operator):
+    """``Jᵀ∇²ℓJ`` for ``loss = output_loss(apply_fn(params, x), *targets)``; see
+    :func:`gauss_newton`."""
+
+    apply_fn: Callable[..., Any]
+    output_loss: Callable[..., jax.Array]
+
+    def check(self, params: PyTree, args: tuple) -> None:
+        if len(args) < 1:
+            raise ValueError(
+                "args: the Gauss-Newton operator is called with (x, *targets), the inputs of "
+                "apply_fn(params, x) and the targets of output_loss(outputs, *targets); got none"
+            )
+        x, *targets = args
+        out = jax.eval_shape(self.apply_fn, params, x)
+        _checks.check_scalar_loss(
+            lambda o, *t: self.output_loss(o, *t), out, tuple(targets), name="output_loss"
+        )
+
+    def restrict(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> Restricted:
+        x, *targets = args
+        active, merge = _tree.split(params, perturbed)
+        outputs, jvp = jax.linearize(lambda a: self.apply_fn(merge(a), x), active)
+        vjp = jax.linear_transpose(jvp, active)
+
+        def ell(o: PyTree) -> jax.Array:
+            return self.output_loss(o, *targets)
+
+        def matvec(v: list) -> list:
+            u = jvp(v)
+            hu = jax.jvp(jax.grad(ell), (outputs,), (u,))[1]
+            return vjp(hu)[0]
+
+        def quad(v: list) -> jax.Array:
+            u = jvp(v)
+
+            def directional(o: PyTree) -> jax.Array:
+                return jax.jvp(ell, (o,), (u,))[1]
+
+            return jax.jvp(directional, (outputs,), (u,))[1]
+
+        return Restricted(matvec, quad)
 
 
-def float_grad(fn: Callable[[PyTree], jax.Array], params: PyTree) -> list:
-    """``∇fn(params)`` with respect to the floating-point leaves only, as a list aligned with
-    them (``_tree.perturbed_leaves(params)``); integer and boolean leaves are held fixed, so
-    pytrees with step counters or masks can be differentiated."""
-    active, merge = split(params, _tree.perturbed_leaves(params))
-    return jax.grad(lambda a: fn(merge(a)))(active)
+def gauss_newton(
+    apply_fn: Callable[..., Any], output_loss: Callable[..., jax.Array]
+) -> GaussNewton:
+    """The generalised Gauss–Newton matrix ``G = Jᵀ ∇²ℓ J``.
+
+    For ``L(x) = ℓ(f(x; inputs), targets)`` with network outputs ``f = apply_fn(params,
+    inputs)`` and ``J = ∂f/∂x``, ``∇²L = Jᵀ∇²ℓJ + Σₖ (∂ℓ/∂fₖ) ∇²fₖ``; G keeps the first term. It
+    is positive semi-definite whenever ℓ is convex in the outputs (squared error, softmax
+    cross-entropy), so log-determinants and the determinant measure are defined everywhere
+    (with damping where G is singular), unlike the Hessian of a network away from a minimum.
+    G equals ∇²L when f is linear in x (linear least squares) or at zero residual. For the
+    softmax cross-entropy, ``∇²ℓ = diag(p) − ppᵀ`` is the Fisher information of the model's
+    categorical distribution, so G is the (true) Fisher information matrix.
+
+    No Jacobian is materialised: ``Gv = Jᵀ(∇²ℓ(Jv))`` is one ``jvp`` of f (linearised once per
+    batch), an output-space Hessian-vector product of ℓ and one transpose (``vjp``); the
+    quadratic form ``vᵀGv = (Jv)ᵀ∇²ℓ(Jv)`` needs only the ``jvp`` and a forward-over-forward
+    second derivative of ℓ in output space.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs`` (any pytree of outputs).
+      output_loss: ``output_loss(outputs, *targets) -> scalar``, the loss of the outputs,
+        reduced over the batch (e.g. the mean cross-entropy).
+
+    Returns:
+      a :class:`GaussNewton` operator (frozen, hashable); estimators given it are called
+      with ``args = (inputs, *targets)``, or with ``batches`` of ``(inputs, *targets)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> apply_fn = lambda p, x: x @ p
+      >>> mse = lambda out, y: 0.5 * jnp.mean((out - y) ** 2)
+      >>> ggn = phipsimu.curvature.gauss_newton(apply_fn, mse)
+      >>> x, y = jnp.eye(2), jnp.zeros(2)
+      >>> ggn.matvec(jnp.ones(2), jnp.array([1.0, 0.0]), x, y)
+      Array([0.5, 0. ], dtype=float32)
+
+    Reference: Schraudolph, "Fast curvature matrix-vector products for second-order gradient
+    descent", Neural Computation 14(7), 2002; Martens, "New insights and perspectives on the
+    natural gradient method", JMLR 21, 2020.
+    """
+    _checks.function("apply_fn", apply_fn, "apply_fn(params, inputs)")
+    _checks.function("output_loss", output_loss, "output_loss(outputs, *targets)")
+    return GaussNewton(apply_fn, output_loss)
+
+
+# ---------------------------------------------------------------- a user's matvec
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOperator(Operator):
+    """A user's symmetric operator given by its matvec; see :func:`linear_operator`."""
+
+    matvec_fn: Callable[..., PyTree]
+    quadratic_form_fn: Callable[..., jax.Array] | None = None
+
+    def restrict(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> Restricted:
+        def matvec(v: list) -> list:
+            full = _tree.unsplit(params, perturbed, v)
+            return _tree.active(self.matvec_fn(params, full, *args), perturbed)
+
+        if self.quadratic_form_fn is None:
+
+            def quad(v: list) -> jax.Array:
+                return _tree.vdot(v, matvec(v))
+
+        else:
+
+            def quad(v: list) -> jax.Array:
+                full = _tree.unsplit(params, perturbed, v)
+                return self.quadratic_form_fn(params, full, *args)
+
+        return Restricted(matvec, quad)
+
+
+def linear_operator(
+    matvec: Callable[..., PyTree],
+    *,
+    quadratic_form: Callable[..., jax.Array] | None = None,
+) -> LinearOperator:
+    """A curvature operator from your own matrix-vector product (a damped Hessian, an
+    empirical Fisher, a preconditioned operator, ...).
+
+    Args:
+      matvec: ``matvec(params, v, *args) -> Cv`` with ``v`` and ``Cv`` shaped like
+        ``params``; C must be symmetric and linear in v. ``v`` is zero on leaves that are
+        not perturbed; ``Cv`` is read on the perturbed leaves only.
+      quadratic_form: optional ``quadratic_form(params, v, *args) -> vᵀCv`` when cheaper than
+        a product; by default ``vᵀ(Cv)``.
+
+    Returns:
+      a :class:`LinearOperator` (frozen, hashable; two built from the same functions are
+      equal, so jitted estimators do not recompile).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> op = phipsimu.curvature.linear_operator(lambda p, v: 2.0 * v)
+      >>> est = phipsimu.hessian_trace(op, num_matvecs=4)(jnp.ones(3), key=jax.random.key(0))
+      >>> float(est.value)
+      6.0
+    """
+    _checks.function("matvec", matvec, "matvec(params, v, *args)")
+    if quadratic_form is not None:
+        _checks.function("quadratic_form", quadratic_form, "quadratic_form(params, v, *args)")
+    return LinearOperator(matvec, quadratic_form)
+
+
+# ---------------------------------------------------------------- blocks of probes
+
+
+def matvecs(
+    op: Operator,
+    params: PyTree,
+    perturbed: _tree.Perturbed,
+    args: tuple,
+    vs: list,
+    chunk: int | None,
+) -> list:
+    """``C vᵢ`` for a block of vectors (perturbed leaves with a leading axis), ``chunk`` at a
+    time (None: :data:`DEFAULT_CHUNK`; a chunk as large as the block is a plain ``vmap``)."""
+    num = vs[0].shape[0]
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    mv = op.restrict(params, perturbed, args).matvec
+    return _tree.chunked_map(mv, vs, None if chunk >= num else chunk)
 
 
 def quadratic_forms(
-    loss_fn: Callable[..., jax.Array],
+    op: Operator,
     params: PyTree,
-    v: PyTree,
+    perturbed: _tree.Perturbed,
     args: tuple,
-    perturbed: list[bool],
-    *,
-    batch_size: int | None = None,
+    vs: list,
+    chunk: int | None,
 ) -> jax.Array:
-    """``vᵢᵀ∇²L(x)vᵢ`` for every probe ``vᵢ`` (leading axis of ``v``).
-
-    Each form is ``d²/dt² L(x + t vᵢ)`` at t = 0, a forward-over-forward derivative; under
-    ``vmap`` the primal pass is shared by all probes in a chunk. ``batch_size`` probes are
-    evaluated at a time with ``lax.map``; ``None`` picks :data:`DEFAULT_CHUNK` (measured
-    fastest on CPU in ``benchmarks/bench_sharpness.py``; a chunk as large as the number of
-    probes is a plain ``vmap``).
-    """
-    num = jax.tree_util.tree_leaves(v)[0].shape[0]
-    chunk = DEFAULT_CHUNK if batch_size is None else batch_size
-    f, active = _restricted(loss_fn, params, perturbed, args)
-
-    def one(vi: list) -> jax.Array:
-        def directional(a: list) -> jax.Array:
-            return jax.jvp(f, (a,), (vi,))[1]
-
-        return jax.jvp(directional, (active,), (vi,))[1]
-
-    return _tree.batched_map(one, _active(v, perturbed), None if chunk >= num else chunk)
+    """``vᵢᵀ C vᵢ`` for a block of vectors; under ``vmap`` the primal pass is shared by all
+    probes in a chunk. ``chunk`` as in :func:`matvecs`."""
+    num = vs[0].shape[0]
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    quad = op.restrict(params, perturbed, args).quad
+    return _tree.chunked_map(quad, vs, None if chunk >= num else chunk)
 
 
-# ---------------------------------------------------------------- full-dataset accumulation
+_jit_matvecs = jax.jit(
+    lambda op, perturbed, chunk, params, vs, args: matvecs(op, params, perturbed, args, vs, chunk),
+    static_argnums=(0, 1, 2),
+)
+_jit_quadratic_forms = jax.jit(
+    lambda op, perturbed, chunk, params, vs, args: quadratic_forms(
+        op, params, perturbed, args, vs, chunk
+    ),
+    static_argnums=(0, 1, 2),
+)
+_jit_dense = jax.jit(
+    lambda op, perturbed, params, args: op.dense_matrix(params, perturbed, args),
+    static_argnums=(0, 1),
+)
+
+
+# ---------------------------------------------------------------- dataset sweeps
 #
 # The Hessian of the dataset's mean loss is the batch-size-weighted mean of the batches'
-# Hessians, so HVPs and quadratic forms are accumulated as Σ n_b·(∇²L_b)v / Σ n_b. The sweep is
-# a Python loop (a data loader is not traceable); the per-batch work is jitted by the caller.
+# Hessians (and likewise for Gauss–Newton), so products and quadratic forms are accumulated as
+# Σ n_b·C_b v / Σ n_b. The sweep is a Python loop (a data loader is not traceable); the
+# per-batch work is jitted once per operator, mask and batch shape (module-level jits).
 
 
 def check_batches(batches: Any) -> None:
@@ -183,6 +469,15 @@ def check_batches(batches: Any) -> None:
         )
 
 
+def _check_sweep(batches: Any, args: tuple) -> None:
+    if args:
+        raise ValueError(
+            f"args: with batches=..., every loss_fn argument comes from the batch; got {len(args)} "
+            "extra positional argument(s) (close over constants in loss_fn instead)"
+        )
+    check_batches(batches)
+
+
 def batch_args(batch: Any) -> tuple:
     """A tuple batch is unpacked into ``loss_fn(params, *batch)``; anything else (a dict, an
     array) is passed as the single argument ``loss_fn(params, batch)``."""
@@ -205,8 +500,8 @@ def batch_weight(batch: Any) -> int:
 def dataset_mean(fn: Callable[..., Any], batches: Any) -> Any:
     """``Σ_b n_b fn(*batch_b) / Σ_b n_b`` over one sweep of ``batches``.
 
-    With ``fn`` a per-batch HVP or quadratic form of a loss that is the *mean* over its
-    batch, this is the HVP (quadratic form) of the mean loss over the whole dataset, also
+    With ``fn`` a per-batch product or quadratic form of a loss that is the *mean* over its
+    batch, this is the product (quadratic form) of the mean loss over the whole dataset, also
     when the last batch is smaller.
 
     Raises:
@@ -255,41 +550,106 @@ def progress_bar(enabled: bool, total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="sweep")
 
 
-def _dataset_quadratic_forms_batch(
+# ---------------------------------------------------------------- bound operators
+
+
+class Bound(NamedTuple):
+    """An operator bound to params, data and the perturbed leaves: what the Krylov kernels
+    and the estimators run on. ``matvec`` and ``quad`` take a block of vectors (perturbed
+    leaves with a leading axis). ``host`` is True for a dataset sweep (Python-driven, per-batch
+    work jitted), where algorithms run their outer loops in Python; otherwise everything is
+    traceable. ``active`` holds the perturbed leaves of the params."""
+
+    matvec: Callable[[list], list]
+    quad: Callable[[list], jax.Array]
+    host: bool
+    active: list
+
+
+def bind(
+    op: Operator,
     params: PyTree,
-    v: PyTree,
     args: tuple,
-    *,
-    loss_fn: Callable,
-    perturbed: tuple[bool, ...],
-    batch_size: int | None,
-) -> jax.Array:
-    return quadratic_forms(loss_fn, params, v, args, list(perturbed), batch_size=batch_size)
-
-
-_jit_quadratic_forms = jax.jit(
-    _dataset_quadratic_forms_batch, static_argnames=("loss_fn", "perturbed", "batch_size")
-)
-
-
-def dataset_quadratic_forms(
-    loss_fn: Callable[..., jax.Array],
-    params: PyTree,
-    v: PyTree,
     batches: Any,
-    perturbed: list[bool],
-    *,
-    batch_size: int | None = None,
-) -> jax.Array:
-    """``vᵢᵀ∇²L̄(x)vᵢ`` for the dataset mean loss ``L̄ = Σ_b n_b L_b / Σ_b n_b``.
+    perturbed: _tree.Perturbed,
+    chunk: int | None,
+    bar: Any = None,
+) -> Bound:
+    """``op`` on one batch (``args``) or swept over ``batches`` (then ``args`` must be empty);
+    ``bar.update(1)`` after every sweep.
 
-    The quadratic forms of each batch (:func:`quadratic_forms`, jitted once per batch
-    shape) are accumulated with weights ``n_b`` by :func:`dataset_mean`.
+    Raises:
+      ValueError / TypeError: no perturbed leaf; a bad loss; args with batches; an empty or
+      one-shot batch iterable.
     """
-    check_batches(batches)
-    return dataset_mean(
-        lambda *b: _jit_quadratic_forms(
-            params, v, b, loss_fn=loss_fn, perturbed=tuple(perturbed), batch_size=batch_size
-        ),
-        batches,
+    perturbed = tuple(perturbed)
+    active = _tree.active(params, perturbed)
+    if not active:
+        raise ValueError(
+            "params: no leaf is perturbed (no floating-point leaves, or the mask excludes all)"
+        )
+    if batches is None:
+        op.check(params, args)
+        return Bound(
+            lambda vs: matvecs(op, params, perturbed, args, vs, chunk),
+            lambda vs: quadratic_forms(op, params, perturbed, args, vs, chunk),
+            False,
+            active,
+        )
+    _check_sweep(batches, args)
+    bar = _NoProgress() if bar is None else bar
+
+    def matvec(vs: list) -> list:
+        out = dataset_mean(lambda *b: _jit_matvecs(op, perturbed, chunk, params, vs, b), batches)
+        bar.update(1)
+        return out
+
+    def quad(vs: list) -> jax.Array:
+        out = dataset_mean(
+            lambda *b: _jit_quadratic_forms(op, perturbed, chunk, params, vs, b), batches
+        )
+        bar.update(1)
+        return out
+
+    return Bound(matvec, quad, True, active)
+
+
+def dense(
+    op: Operator, params: PyTree, args: tuple, batches: Any, perturbed: _tree.Perturbed
+) -> jax.Array:
+    """The dense ``(d, d)`` matrix of ``op`` over the perturbed coordinates, on one batch or
+    as the weighted mean over ``batches``."""
+    perturbed = tuple(perturbed)
+    if batches is None:
+        op.check(params, args)
+        return op.dense_matrix(params, perturbed, args)
+    _check_sweep(batches, args)
+    return dataset_mean(lambda *b: _jit_dense(op, perturbed, params, b), batches)
+
+
+# ---------------------------------------------------------------- the adaptive metric
+
+
+def adaptive_metric(params: PyTree, eta: float, perturbed: _tree.Perturbed) -> PyTree:
+    """``T_x = |x| + eta`` on perturbed leaves (ASAM's metric; docs/conventions.md,
+    "Adaptive metric")."""
+    return jax.tree_util.tree_map(
+        lambda x, p: (jnp.abs(x) + eta).astype(x.dtype) if p else jnp.zeros_like(x),
+        params,
+        jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), list(perturbed)),
     )
+
+
+def metric_probes(params: PyTree, v: PyTree, eta: Any, perturbed: _tree.Perturbed) -> PyTree:
+    """Probes in the adaptive metric, ``T_x v`` with ``T_x = |x| + eta`` (``v`` has a leading
+    sample axis). Differentiable in ``params``."""
+    t = adaptive_metric(params, eta, perturbed)
+    return jax.tree_util.tree_map(lambda ti, vi: (vi * ti).astype(vi.dtype), t, v)
+
+
+def float_grad(fn: Callable[[PyTree], jax.Array], params: PyTree) -> list:
+    """``∇fn(params)`` with respect to the floating-point leaves only, as a list aligned with
+    them (``_tree.perturbed_leaves(params)``); integer and boolean leaves are held fixed, so
+    pytrees with step counters or masks can be differentiated."""
+    active, merge = _tree.split(params, _tree.perturbed_leaves(params))
+    return jax.grad(lambda a: fn(merge(a)))(active)

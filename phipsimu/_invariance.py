@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phipsimu import _checks, _estimate, _measure, _mu, _tree
+from phipsimu import _checks, _estimate, _measure, _tree
 
 PyTree = Any
 
@@ -270,7 +270,7 @@ def volume_factor(
             "transform: is not a diagonal rescaling x -> D·x at these params (checked as "
             "transform(params) == transform(ones)·params); volume_factor needs a diagonal D"
         )
-    dtype = _tree.float_dtype(params, mask)
+    dtype = _tree.float_dtype(params, perturbed)
     log_abs = sum(
         (jnp.sum(jnp.log(jnp.abs(d.astype(dtype)))) for d in diag if d is not None),
         jnp.zeros((), dtype),
@@ -306,8 +306,8 @@ class InvarianceReport(NamedTuple):
     loss: jax.Array
     transformed_loss: jax.Array
     loss_preserved: bool
-    estimate: _estimate.Estimate
-    transformed_estimate: _estimate.Estimate
+    estimate: _measure.Estimate
+    transformed_estimate: _measure.Estimate
     ratio: jax.Array
     z: jax.Array
     volume_factor: VolumeFactor | None
@@ -323,7 +323,7 @@ def check_invariance(
     *args: Any,
     key: jax.Array,
     num_samples: int = 1024,
-    batch_size: int | None = None,
+    chunk_size: int | None = None,
     adaptive: bool = False,
     eta: float = 0.0,
     rtol: float = 1e-4,
@@ -350,7 +350,7 @@ def check_invariance(
       transform: ``params -> params``, e.g. ``lambda p: rescale_neurons(p, 0, c)``.
       *args: passed to ``loss_fn`` (the batch).
       key: PRNG key, used for both estimates.
-      num_samples, batch_size, adaptive, eta: as in :func:`phipsimu.sharpness`.
+      num_samples, chunk_size, adaptive, eta: as in :func:`phipsimu.sharpness`.
       rtol: the two estimates "agree" when ``|ratio − 1| <= rtol`` (float32 rounding of the
         same probes at x and T(x) is ~1e-6 relative; default 1e-4).
       loss_rtol, loss_atol: tolerance for ``L(T(x)) == L(x)``.
@@ -379,12 +379,12 @@ def check_invariance(
         loss_fn,
         measure,
         num_samples=num_samples,
-        batch_size=batch_size,
+        chunk_size=chunk_size,
         adaptive=adaptive,
         eta=eta,
     )
     _checks.function("transform", transform, "params -> params")
-    _mu.check_key(key)
+    _checks.check_key(key)
     rtol = _checks.real("rtol", rtol, lo=0.0, strict=True)
     loss_rtol = _checks.real("loss_rtol", loss_rtol, lo=0.0, strict=False)
     loss_atol = _checks.real("loss_atol", loss_atol, lo=0.0, strict=False)

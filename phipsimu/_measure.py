@@ -1,6 +1,6 @@
-"""The (φ, ψ, μ) triple, the Monte Carlo reduction ``φ(mean_i w_i ψ(t_i))`` shared by the
-Hessian-based estimator and the zeroth-order objective, and the presets of the paper's Table 1
-with their spectral closed forms.
+"""The (φ, ψ, μ) triple, the result layer (:class:`Estimate` and the Monte Carlo reduction
+``φ(mean_i w_i ψ(t_i))`` that produces it, shared by every estimator and the zeroth-order
+objective), and the presets of the paper's Table 1 with their spectral closed forms.
 
 Reference: Tahmasebi et al., "On Scale-Invariant Sharpness Measures", Definition 1, Table 1;
 conventions in MATH.md.
@@ -98,21 +98,51 @@ def check_measure(measure: Any) -> Measure:
     return measure
 
 
-class Reduction(NamedTuple):
-    """``φ(mean_i w_i ψ(t_i))`` with its diagnostics."""
+class Estimate(NamedTuple):
+    """An estimate with its uncertainty: the one result type of every estimator.
 
-    value: jax.Array
-    stderr: jax.Array
-    log_value: jax.Array
+    Attributes:
+      value: the estimate (NaN when the quantity is undefined at this point, see the
+        estimator's or preset's docs, or when the loss is NaN). A pytree shaped like the
+        params for :func:`phipsimu.hessian_diagonal`.
+      stderr: its standard error (delta method through φ for sharpness measures; NaN with one
+        sample, 0 for a closed form). Shaped like ``value``.
+      log_value: ``log S`` of the quantity S the estimator measures. For log-space measures
+        (the determinant) computed directly and finite where ``value`` over- or underflows;
+        otherwise ``log(value)``. For :func:`phipsimu.log_determinant`, whose ``value`` is
+        already the logarithm ``log det(H + δI)``, ``log_value`` is the same number (the log
+        of the determinant, as for the determinant preset), not the log of the
+        log-determinant.
+      ess: effective sample size ``(Σu)²/Σu²`` of the importance weights: ``u = w``, or
+        ``u = w·ψ`` for log-space measures such as the determinant (so a poorly scaled
+        proposal shows as a small ESS). Equal to ``num_samples`` for exactly sampled
+        probability measures and for the spectral/trace estimators; ``inf`` for a closed form.
+      num_samples: the number of probes (0 for a closed form; an int array once returned
+        from a jitted function).
+    """
+
+    value: Any
+    stderr: Any
+    log_value: Any
     ess: jax.Array
+    num_samples: int
 
 
-def _std_mean(x: jax.Array) -> jax.Array:
+def std_mean(x: jax.Array) -> jax.Array:
     """Standard error of the mean of ``x`` along axis 0 (NaN for a single sample)."""
     m = x.shape[0]
     if m < 2:
         return jnp.full(x.shape[1:], jnp.nan, x.dtype)
     return jnp.std(x, axis=0, ddof=1) / math.sqrt(m)
+
+
+def sample_mean(per_sample: jax.Array) -> Estimate:
+    """The mean of ``m`` equally weighted per-sample estimates (shape ``(m,)``) as an
+    :class:`Estimate`: standard error of the mean, ``log_value = log(value)``, ESS = m."""
+    value = jnp.mean(per_sample)
+    m = per_sample.shape[0]
+    ess_ = jnp.full((), m, per_sample.dtype)
+    return Estimate(value, std_mean(per_sample), jnp.log(value), ess_, m)
 
 
 def ess(log_weight: jax.Array) -> jax.Array:
@@ -123,7 +153,7 @@ def ess(log_weight: jax.Array) -> jax.Array:
 
 def reduce(
     measure: Measure, t: jax.Array, log_weight: jax.Array, d: int, *, with_stats: bool = True
-) -> Reduction:
+) -> Estimate:
     """Estimate ``φ(∫ ψ(t(v)) dμ(v))`` from draws ``t_i = t(v_i)`` with weights ``log w_i``.
 
     The standard error is the delta method through φ: ``|∇φ(ȳ)|``-weighted standard error of
@@ -140,7 +170,10 @@ def reduce(
       t: shape ``(m,)``, the quadratic forms (or finite-difference curvatures).
       log_weight: shape ``(m,)``, ``log(dμ/dq)`` at each draw.
       d: the dimension of the perturbed parameters.
-      with_stats: compute stderr and ESS (skip them inside objectives).
+      with_stats: compute stderr and ESS (skip them inside objectives; NaN then).
+
+    Returns:
+      an :class:`Estimate` with ``num_samples = m``.
     """
     m = t.shape[0]
     nan = jnp.full((), jnp.nan, t.dtype)
@@ -150,14 +183,14 @@ def reduce(
         log_value = measure.apply_log_phi(log_mean, d)
         value = jnp.exp(log_value)
         if not with_stats:
-            return Reduction(value, nan, log_value, nan)
+            return Estimate(value, nan, log_value, nan, m)
         z = jnp.exp(ell - jax.lax.stop_gradient(jnp.max(ell)))
-        rel = _std_mean(z) / jnp.mean(z)
+        rel = std_mean(z) / jnp.mean(z)
         slope = jax.grad(lambda s: measure.apply_log_phi(s, d))(log_mean)
         stderr_log = jnp.abs(slope) * rel
         # ψ > 0 here, so w·ψ are the importance weights of the target measure ψ dμ: their
         # ESS shows how well the proposal matches the integrand, not just μ.
-        return Reduction(value, value * stderr_log, log_value, ess(ell))
+        return Estimate(value, value * stderr_log, log_value, ess(ell), m)
 
     y = jax.vmap(measure.psi)(t)
     w = jnp.exp(log_weight).reshape((m,) + (1,) * (y.ndim - 1))
@@ -172,11 +205,11 @@ def reduce(
     value = jnp.asarray(phi(mean))
     log_value = jnp.log(value)
     if not with_stats:
-        return Reduction(value, nan, log_value, nan)
+        return Estimate(value, nan, log_value, nan, m)
     grad = jax.grad(phi)(mean)
     proj = jnp.reshape(y - mean, (m, -1)) @ jnp.reshape(grad, (-1,))
-    stderr = _std_mean(proj)
-    return Reduction(value, stderr, log_value, ess(log_weight))
+    stderr = std_mean(proj)
+    return Estimate(value, stderr, log_value, ess(log_weight), m)
 
 
 # ---------------------------------------------------------------- presets (Table 1)

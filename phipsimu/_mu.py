@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,18 +42,25 @@ class _FrozenMask:
         return jax.tree_util.tree_unflatten(self.treedef, self.leaves)
 
 
-def check_key(key: Any, name: str = "key") -> None:
-    """Raise a clear error unless ``key`` is a JAX PRNG key (typed or raw uint32[2])."""
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        if jnp.shape(key) == ():
-            return
-    elif dtype == jnp.uint32 and jnp.shape(key) == (2,):
-        return
-    raise TypeError(
-        f"{name}={key!r}: must be a single JAX PRNG key, from jax.random.key(seed) or "
-        "jax.random.PRNGKey(seed)"
-    )
+class Draw(NamedTuple):
+    """One draw of ``num`` perturbations, with what every caller needs computed once.
+
+    Attributes:
+      v: a pytree shaped like the params with a leading sample axis ``num`` (zeros on
+        leaves that are not perturbed).
+      log_weight: shape ``(num,)``, ``log(dμ/dq)`` at each draw.
+      perturbed: static tuple of bools, one per leaf of the params: is it perturbed?
+      d: the number of perturbed coordinates (static).
+    """
+
+    v: PyTree
+    log_weight: jax.Array
+    perturbed: tuple[bool, ...]
+    d: int
+
+    def active(self) -> list:
+        """The perturbed leaves of ``v`` (each with the leading sample axis)."""
+        return _tree.active(self.v, self.perturbed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +77,13 @@ class Sampler:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mask", _freeze_mask(self.mask))
 
-    def perturbed(self, like: PyTree) -> list[bool]:
+    def perturbed(self, like: PyTree) -> tuple[bool, ...]:
         """Per leaf of ``like``: is it perturbed?"""
         return _tree.perturbed_leaves(like, self.mask)
 
     def dim(self, like: PyTree) -> int:
         """The dimension d of the perturbed parameters (static)."""
-        return _tree.num_perturbed(like, self.mask)
+        return _tree.dim(like, self.perturbed(like))
 
     def symmetric(self, like: PyTree) -> bool:
         """Whether μ and its proposal, on params shaped like ``like``, are invariant under
@@ -95,18 +102,25 @@ class Sampler:
           ``(v, log_weight)``: ``v`` has a leading axis of size ``num``; ``log_weight`` has
           shape ``(num,)`` and holds ``log(dμ/dq)`` at each draw.
         """
-        check_key(key)
+        out = self.draw(key, like, num)
+        return out.v, out.log_weight
+
+    def draw(self, key: jax.Array, like: PyTree, num: int) -> Draw:
+        """:meth:`sample`, returned as a :class:`Draw` that also carries the perturbed
+        leaves and d (computed once here, for the callers that need them)."""
+        _checks.check_key(key)
         num = _checks.integer("num", num, lo=1)
         perturbed = self.perturbed(like)
-        d = self.dim(like)
+        d = _tree.dim(like, perturbed)
         if d == 0:
             raise ValueError(
                 "like: no leaf is perturbed (no floating-point leaves, or the mask excludes all)"
             )
-        return self._draw(key, like, num, perturbed, d)
+        v, log_w = self._draw(key, like, num, perturbed, d)
+        return Draw(v, log_w, perturbed, d)
 
     def _draw(
-        self, key: jax.Array, like: PyTree, num: int, perturbed: list[bool], d: int
+        self, key: jax.Array, like: PyTree, num: int, perturbed: tuple[bool, ...], d: int
     ) -> tuple[PyTree, jax.Array]:
         raise NotImplementedError
 
@@ -125,7 +139,7 @@ class Sphere(Sampler):
         v = jax.tree_util.tree_map(
             lambda x: (x / norm.reshape((num,) + (1,) * (x.ndim - 1))).astype(x.dtype), g
         )
-        return v, jnp.zeros((num,), _tree.float_dtype(like, self.mask))
+        return v, jnp.zeros((num,), _tree.float_dtype(like, perturbed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +153,7 @@ class Gaussian(Sampler):
             return (self.stddev * jax.random.normal(k, shape, dtype)).astype(dtype)
 
         v = _tree.random_like(key, like, perturbed, num, draw)
-        return v, jnp.zeros((num,), _tree.float_dtype(like, self.mask))
+        return v, jnp.zeros((num,), _tree.float_dtype(like, perturbed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +165,7 @@ class Rademacher(Sampler):
             return jax.random.rademacher(k, shape, dtype)
 
         v = _tree.random_like(key, like, perturbed, num, draw)
-        return v, jnp.zeros((num,), _tree.float_dtype(like, self.mask))
+        return v, jnp.zeros((num,), _tree.float_dtype(like, perturbed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +216,18 @@ def gaussian(*, stddev: float = 1.0, mask: Any = None) -> Gaussian:
 def rademacher(*, mask: Any = None) -> Rademacher:
     """Independent Rademacher (±1) coordinates on the perturbed leaves."""
     return Rademacher(mask=mask)
+
+
+#: The probe distributions of the spectral and trace estimators (``probes=``).
+PROBES = ("rademacher", "gaussian", "sphere")
+
+
+def probe_sampler(probes: Any, mask: Any, allowed: tuple[str, ...] = PROBES) -> Sampler:
+    """The sampler named by an estimator's ``probes=`` option (validated against
+    ``allowed``), on the leaves selected by ``mask``."""
+    if probes not in allowed:
+        raise ValueError(f"probes={probes!r}: must be one of {allowed}")
+    return {"rademacher": rademacher, "gaussian": gaussian, "sphere": sphere}[probes](mask=mask)
 
 
 def lebesgue(*, scale: float = 1.0, mask: Any = None) -> Lebesgue:
@@ -273,7 +299,7 @@ class _FrozenGroups:
     treedef: Any
     leaves: tuple[Any, ...]
 
-    def leaf_ids(self, like: PyTree, perturbed: list[bool]) -> list[np.ndarray | None]:
+    def leaf_ids(self, like: PyTree, perturbed: tuple[bool, ...]) -> list[np.ndarray | None]:
         """Per leaf of ``like``: the flat group id of every coordinate, or None if the leaf
         is not perturbed.
 
@@ -372,7 +398,7 @@ class ProductDensity(Sampler):
         _, sizes = self.group_index(like, self.perturbed(like))
         return bool(np.all(sizes % 2 == 0))
 
-    def group_index(self, like: PyTree, perturbed: list[bool]) -> tuple[list, np.ndarray]:
+    def group_index(self, like: PyTree, perturbed: tuple[bool, ...]) -> tuple[list, np.ndarray]:
         """Per perturbed leaf, its coordinates' group index in ``0..G−1`` (None for leaves
         that are not perturbed), and the size of each of the G groups (static numpy)."""
         if self.groups is None:
@@ -393,7 +419,7 @@ class ProductDensity(Sampler):
     def _draw(self, key, like, num, perturbed, d):
         index, sizes = self.group_index(like, perturbed)
         num_groups = len(sizes)
-        dtype = _tree.float_dtype(like, self.mask)
+        dtype = _tree.float_dtype(like, perturbed)
         z = _tree.random_like(key, like, perturbed, num, _normal)
         leaves_x = jax.tree_util.tree_leaves(like)
         leaves_z, treedef = jax.tree_util.tree_flatten(z)

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from phipsimu import _checks, _curvature, _measure, _mu, _tree
+from phipsimu import _checks, _curvature, _measure, _tree
 
 PyTree = Any
 
@@ -29,7 +29,7 @@ def sharpness_term(
     antithetic: bool,
     adaptive: bool,
     eta: Any,
-    batch_size: Any,
+    chunk_size: Any,
 ) -> Callable[[Callable[[PyTree], jax.Array], PyTree, jax.Array, jax.Array], jax.Array]:
     """Validate the configuration once and return ``term(value_fn, params, base, key)``, the
     weighted sharpness term ``s·ρ² φ(mean_i w_i ψ(Δ_i))`` shared by the loss and the optax
@@ -53,9 +53,9 @@ def sharpness_term(
         raise ValueError(f"num_samples={num_samples}: must be >= 4 with antithetic=True here")
     _checks.real("strength", strength, lo=0.0, strict=False)
     _checks.real("eta", eta, lo=0.0, strict=False)
-    _checks.integer("batch_size", batch_size, lo=1, allow_none=True)
+    _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
     draws = num_samples // 2 if antithetic else num_samples
-    chunk = _curvature.DEFAULT_CHUNK if batch_size is None else batch_size
+    chunk = _curvature.DEFAULT_CHUNK if chunk_size is None else chunk_size
     chunk = None if chunk >= draws else chunk
 
     def term(
@@ -68,22 +68,21 @@ def sharpness_term(
                 "of an odd-sized group's product), so pairing v with -v would change the "
                 "objective"
             )
-        perturbed = measure.mu.perturbed(params)
-        d = measure.mu.dim(params)
-        v, log_w = measure.mu.sample(key, params, draws)
+        draw = measure.mu.draw(key, params, draws)
+        v, log_w = draw.v, draw.log_weight
         if adaptive:
-            v = _curvature.metric_probes(params, v, eta, perturbed)
+            v = _curvature.metric_probes(params, v, eta, draw.perturbed)
 
         def shifted(sign: float) -> jax.Array:
-            return _tree.batched_map(
-                lambda vi: value_fn(_tree.axpy(sign * rho, vi, params)), v, chunk
+            return _tree.chunked_map(
+                lambda vi: value_fn(_tree.add_scale(params, sign * rho, vi)), v, chunk
             )
 
         if antithetic:
             delta = (shifted(1.0) + shifted(-1.0) - 2.0 * base) / rho**2
         else:
             delta = 2.0 * (shifted(1.0) - base) / rho**2
-        r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, d, with_stats=False)
+        r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, draw.d, with_stats=False)
         return strength * rho**2 * r.value.astype(base.dtype)
 
     return term
@@ -99,7 +98,7 @@ def sharpness_aware_loss(
     antithetic: bool = False,
     adaptive: bool = False,
     eta: float = 0.0,
-    batch_size: int | None = None,
+    chunk_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     """The (φ, ψ, μ)-sharpness-aware loss (eq. 10, with the factor 2 of MATH.md).
@@ -132,7 +131,7 @@ def sharpness_aware_loss(
         ``jax.grad`` differentiates through ``T_x`` (the exact gradient of this objective,
         which keeps it exactly invariant; ASAM instead holds its perturbation fixed).
       eta: the metric floor (>= 0).
-      batch_size: perturbed losses evaluated at once (chunked ``vmap``); ``None`` = 4.
+      chunk_size: perturbed losses evaluated at once (chunked ``vmap``); ``None`` = 4.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux comes from the clean pass at x (as
         SAM implementations do for BatchNorm statistics).
 
@@ -168,22 +167,22 @@ def sharpness_aware_loss(
         antithetic=antithetic,
         adaptive=adaptive,
         eta=eta,
-        batch_size=batch_size,
+        chunk_size=chunk_size,
     )
 
     def objective(params: PyTree, *args: Any, key: jax.Array) -> Any:
-        _mu.check_key(key)
+        _checks.check_key(key)
         if has_aux:
             out = jax.eval_shape(loss_fn, params, *args)
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise ValueError(f"loss_fn: with has_aux=True must return (loss, aux), got {out!r}")
-            _curvature.check_scalar_loss(lambda *a: loss_fn(*a)[0], params, args)
+            _checks.check_scalar_loss(lambda *a: loss_fn(*a)[0], params, args)
             base, aux = loss_fn(params, *args)
 
             def value_fn(p):
                 return loss_fn(p, *args)[0]
         else:
-            _curvature.check_scalar_loss(loss_fn, params, args)
+            _checks.check_scalar_loss(loss_fn, params, args)
             base = loss_fn(params, *args)
 
             def value_fn(p):

@@ -85,7 +85,7 @@ def sharpness_aware(
     adaptive: bool = False,
     eta: float = 0.0,
     seed: int = 0,
-    batch_size: int | None = None,
+    chunk_size: int | None = None,
     axis_name: str | None = None,
     sync: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -100,7 +100,7 @@ def sharpness_aware(
 
     Args:
       measure: a :class:`phipsimu.Measure`.
-      rho, num_samples, strength, antithetic, adaptive, eta, batch_size: as in
+      rho, num_samples, strength, antithetic, adaptive, eta, chunk_size: as in
         :func:`phipsimu.sharpness_aware_loss`.
       seed: seed of the perturbation key.
       axis_name, sync: data-parallel behaviour (module docs).
@@ -117,7 +117,7 @@ def sharpness_aware(
         antithetic=antithetic,
         adaptive=adaptive,
         eta=eta,
-        batch_size=batch_size,
+        chunk_size=chunk_size,
     )
     _checks.seed("seed", seed)
     _check_axis(axis_name)
@@ -174,8 +174,8 @@ def sam(
         del extra_args
         value_fn = _value_fn_or_raise(value_fn, params)
         floats = _tree.perturbed_leaves(params)
-        x, merge = _curvature.split(params, floats)
-        g, _ = _curvature.split(updates, floats)
+        x, merge = _tree.split(params, floats)
+        g = _tree.active(updates, floats)
         if axis_name is not None and sync:
             g = jax.lax.pmean(g, axis_name)
         if adaptive:
@@ -189,7 +189,7 @@ def sam(
         # ‖g‖ = 0 only when g = 0: dividing 0 by 1 gives ε = 0; NaN stays NaN (NaN > 0 is
         # false, so the numerator's NaN propagates).
         safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
-        adv = merge(_tree.axpy(rho / safe, direction, x))
+        adv = merge(_tree.add_scale(x, rho / safe, direction))
         grad = _pmean(_curvature.float_grad(value_fn, adv), axis_name)
         new = _on_float_leaves(updates, params, grad, lambda u, n: n.astype(u.dtype))
         return new, state

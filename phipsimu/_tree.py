@@ -1,6 +1,10 @@
-"""Leaf-wise pytree algebra and the rule for which leaves are perturbed.
+"""Pytree plumbing, in one place: which leaves are perturbed, splitting the perturbed leaves
+off a pytree and putting them back, per-block masks, and dtype-keeping leaf-wise algebra on
+``optax.tree``.
 
-Everything here works leaf by leaf so a sharded model is never gathered onto one device.
+Everything works leaf by leaf so a sharded model is never gathered onto one device. The
+perturbed-leaf rule is computed once per call (``perturbed_leaves``) and passed on as a static
+tuple of bools, one per leaf of ``params``.
 """
 
 from __future__ import annotations
@@ -10,9 +14,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 MaskLike = PyTree | Callable[[PyTree], PyTree] | None
+Perturbed = tuple[bool, ...]
+
+
+# ---------------------------------------------------------------- which leaves are perturbed
 
 
 def is_float_leaf(leaf: Any) -> bool:
@@ -21,8 +30,8 @@ def is_float_leaf(leaf: Any) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
-def perturbed_leaves(params: PyTree, mask: MaskLike = None) -> list[bool]:
-    """Static list, one entry per leaf of ``params``: is that leaf perturbed?
+def perturbed_leaves(params: PyTree, mask: MaskLike = None) -> Perturbed:
+    """Static tuple, one entry per leaf of ``params``: is that leaf perturbed?
 
     Args:
       params: the parameter pytree.
@@ -34,7 +43,7 @@ def perturbed_leaves(params: PyTree, mask: MaskLike = None) -> list[bool]:
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if mask is None:
-        return [is_float_leaf(x) for x in leaves]
+        return tuple(is_float_leaf(x) for x in leaves)
     m = mask(params) if callable(mask) else mask
     try:
         m_leaves = treedef.flatten_up_to(m)
@@ -48,54 +57,157 @@ def perturbed_leaves(params: PyTree, mask: MaskLike = None) -> list[bool]:
         if not isinstance(b, bool):
             raise ValueError(f"mask: leaf {b!r} is not a Python bool; masks must be static bools")
         out.append(b and is_float_leaf(x))
-    return out
+    return tuple(out)
 
 
-def num_perturbed(params: PyTree, mask: MaskLike = None) -> int:
+def dim(params: PyTree, perturbed: Perturbed) -> int:
     """The dimension d: the number of perturbed scalar coordinates (a static int)."""
     leaves = jax.tree_util.tree_leaves(params)
-    return sum(int(x.size) for x, p in zip(leaves, perturbed_leaves(params, mask)) if p)
+    return sum(int(x.size) for x, p in zip(leaves, perturbed) if p)
 
 
-def float_dtype(params: PyTree, mask: MaskLike = None) -> jnp.dtype:
-    """The widest floating dtype among perturbed leaves (float32 when there is none)."""
+def float_dtype(params: PyTree, perturbed: Perturbed | None = None) -> jnp.dtype:
+    """The widest floating dtype among the perturbed leaves (all floating leaves when
+    ``perturbed`` is None); float32 when there is none."""
     leaves = jax.tree_util.tree_leaves(params)
-    dts = [x.dtype for x, p in zip(leaves, perturbed_leaves(params, mask)) if p]
+    if perturbed is None:
+        perturbed = tuple(is_float_leaf(x) for x in leaves)
+    dts = [x.dtype for x, p in zip(leaves, perturbed) if p]
     return jnp.result_type(*dts) if dts else jnp.dtype(jnp.float32)
 
 
-def dot(a: PyTree, b: PyTree) -> jax.Array:
-    """Sum over leaves of the elementwise products (pass only the leaves to include)."""
-    terms = [
-        jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
-    ]
-    return sum(terms) if terms else jnp.zeros(())
+# ---------------------------------------------------------------- split and merge
+
+
+def active(tree: PyTree, perturbed: Perturbed) -> list:
+    """The perturbed leaves of ``tree`` (shaped like params, possibly with a leading sample
+    axis on every leaf), as a list."""
+    return [x for x, p in zip(jax.tree_util.tree_leaves(tree), perturbed) if p]
+
+
+def split(params: PyTree, perturbed: Perturbed) -> tuple[list, Callable[[list], PyTree]]:
+    """The perturbed leaves of ``params`` and a function that puts new ones back (the other
+    leaves keep their values)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+
+    def merge(new_active: list) -> PyTree:
+        it = iter(new_active)
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(it) if p else x for x, p in zip(leaves, perturbed)]
+        )
+
+    return active(params, perturbed), merge
+
+
+def unsplit(like: PyTree, perturbed: Perturbed, new_active: list, num: int | None = None) -> PyTree:
+    """A pytree shaped like ``like`` holding ``new_active`` on the perturbed leaves and zeros
+    (of each leaf's own dtype) elsewhere; with ``num``, every leaf has a leading axis ``num``."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    lead = () if num is None else (num,)
+    it = iter(new_active)
+    return jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            next(it) if p else jnp.zeros((*lead, *jnp.shape(x)), jnp.result_type(x))
+            for x, p in zip(leaves, perturbed)
+        ],
+    )
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def layer_blocks(params: PyTree) -> PyTree:
+    """Label every leaf by the path of its parent node: one block per layer.
+
+    For ``[{"w", "b"}, {"w", "b"}]`` the labels are ``"0"`` and ``"1"``; for a flax tree
+    ``{"params": {"Dense_0": {"kernel", "bias"}}}`` they are ``"params/Dense_0"``. Pass as
+    ``blocks=phipsimu.layer_blocks`` to any spectral estimator.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: jax.tree_util.keystr(path[:-1], simple=True, separator="/"), params
+    )
+
+
+def block_masks(params: PyTree, blocks: Any) -> dict[Any, PyTree]:
+    """``{label: mask}``, one boolean mask per block label (in order of first appearance)."""
+    labels = blocks(params) if callable(blocks) else blocks
+    treedef = jax.tree_util.tree_structure(params)
+    try:
+        label_leaves = treedef.flatten_up_to(labels)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"blocks: its structure does not match the params structure {treedef}; pass a "
+            "pytree of labels shaped like params (None excludes a leaf) or a callable"
+        ) from err
+    order: dict[Any, None] = {}
+    for lab in label_leaves:
+        if lab is not None:
+            order.setdefault(lab, None)
+    if not order:
+        raise ValueError("blocks: every leaf is labelled None, so there is no block to analyse")
+    return {
+        lab: jax.tree_util.tree_unflatten(treedef, [x == lab for x in label_leaves])
+        for lab in order
+    }
+
+
+def per_block(build: Callable[[Any], Callable], mask: Any, blocks: Any) -> Callable:
+    """``build(mask)`` for one mask; with ``blocks``, a function returning ``{label: result}``
+    with one result per block (its diagonal block of the operator). Validates that at most
+    one of ``mask`` and ``blocks`` is given."""
+    if mask is not None and blocks is not None:
+        raise ValueError("mask and blocks: give at most one (blocks partitions, mask selects)")
+    if blocks is None:
+        return build(mask)
+    if not (callable(blocks) or jax.tree_util.tree_leaves(blocks, is_leaf=lambda x: x is None)):
+        raise ValueError(f"blocks={blocks!r}: must be a pytree of labels or a callable")
+
+    def run(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> dict:
+        return {
+            label: build(m)(params, *args, key=key, batches=batches)
+            for label, m in block_masks(params, blocks).items()
+        }
+
+    return run
+
+
+# ---------------------------------------------------------------- algebra (dtype-keeping)
+
+
+def vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """Sum over leaves of the inner products (``optax.tree.vdot``; pass only the leaves to
+    include)."""
+    return jnp.asarray(optax.tree.vdot(a, b))
 
 
 def sq_norm(a: PyTree) -> jax.Array:
     """Squared Euclidean norm over all leaves together."""
-    return dot(a, a)
+    return vdot(a, a)
 
 
-def axpy(alpha: jax.typing.ArrayLike, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leaf by leaf, keeping each leaf of ``y``'s dtype."""
-    return jax.tree_util.tree_map(lambda a, b: (b + alpha * a).astype(b.dtype), x, y)
+def add_scale(x: PyTree, alpha: jax.typing.ArrayLike, y: PyTree) -> PyTree:
+    """``x + alpha * y`` leaf by leaf (``optax.tree.add_scale``), keeping ``x``'s dtypes."""
+    return optax.tree.cast_like(optax.tree.add_scale(x, alpha, y), x)
 
 
 def scale(alpha: jax.typing.ArrayLike, x: PyTree) -> PyTree:
-    """``alpha * x`` leaf by leaf, keeping dtypes."""
-    return jax.tree_util.tree_map(lambda a: (alpha * a).astype(a.dtype), x)
+    """``alpha * x`` leaf by leaf (``optax.tree.scale``), keeping dtypes."""
+    return optax.tree.cast_like(optax.tree.scale(alpha, x), x)
 
 
 def mul(x: PyTree, y: PyTree) -> PyTree:
-    """Elementwise product leaf by leaf."""
-    return jax.tree_util.tree_map(lambda a, b: (a * b).astype(b.dtype), x, y)
+    """Elementwise product leaf by leaf (``optax.tree.mul``), keeping ``y``'s dtypes."""
+    return optax.tree.cast_like(optax.tree.mul(x, y), y)
+
+
+# ---------------------------------------------------------------- samples (leading axis)
 
 
 def random_like(
     key: jax.Array,
     params: PyTree,
-    perturbed: list[bool],
+    perturbed: Perturbed,
     num: int,
     draw: Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array],
 ) -> PyTree:
@@ -116,7 +228,7 @@ def random_like(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def batched_sq_norm(v: PyTree, perturbed: list[bool]) -> jax.Array:
+def batched_sq_norm(v: PyTree, perturbed: Perturbed) -> jax.Array:
     """Per-sample squared norm over perturbed leaves of a pytree with a leading sample axis."""
     total = None
     for x, p in zip(jax.tree_util.tree_leaves(v), perturbed):
@@ -126,9 +238,9 @@ def batched_sq_norm(v: PyTree, perturbed: list[bool]) -> jax.Array:
     return total
 
 
-def batched_map(fn: Callable, v: PyTree, batch_size: int | None) -> Any:
-    """Apply ``fn`` to every sample of ``v``: ``vmap`` when ``batch_size`` is None, else a
-    chunked ``lax.map`` that holds ``batch_size`` samples in memory at a time."""
-    if batch_size is None:
+def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
+    """Apply ``fn`` to every sample of ``v``: ``vmap`` when ``chunk_size`` is None, else a
+    chunked ``lax.map`` that holds ``chunk_size`` samples in memory at a time."""
+    if chunk_size is None:
         return jax.vmap(fn)(v)
-    return jax.lax.map(fn, v, batch_size=batch_size)
+    return jax.lax.map(fn, v, batch_size=chunk_size)

@@ -39,12 +39,32 @@ def init_mlp(key, sizes):
     return params
 
 
-def mlp_loss(params, x, y):
+def mlp_apply(params, x):
+    """A tanh MLP's outputs."""
     h = x
     for layer in params[:-1]:
         h = jnp.tanh(h @ layer["w"] + layer["b"])
-    out = h @ params[-1]["w"] + params[-1]["b"]
+    return h @ params[-1]["w"] + params[-1]["b"]
+
+
+def mse(out, y):
+    """Mean squared error of outputs (the output loss of ``mlp_loss``)."""
     return jnp.mean((out - y) ** 2)
+
+
+def mlp_loss(params, x, y):
+    return mse(mlp_apply(params, x), y)
+
+
+def split_batches(x, y, sizes):
+    """``(x, y)`` cut into consecutive batches of the given sizes, as a list of tuples."""
+    cuts = np.cumsum(sizes)[:-1]
+    return list(zip(np.split(np.asarray(x), cuts), np.split(np.asarray(y), cuts)))
+
+
+def flat_rows(v):
+    """A pytree with a leading sample axis as a float64 ``(num, d)`` matrix (ravel order)."""
+    return np.asarray(jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(v), np.float64)
 
 
 @pytest.fixture

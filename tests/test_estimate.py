@@ -272,7 +272,7 @@ def test_chunked_equals_vmapped(small_mlp):
     a = phipsimu.sharpness(mlp_loss, phipsimu.measures.trace(), **kwargs)(
         params, x, y, key=jax.random.key(0)
     )
-    b = phipsimu.sharpness(mlp_loss, phipsimu.measures.trace(), batch_size=3, **kwargs)(
+    b = phipsimu.sharpness(mlp_loss, phipsimu.measures.trace(), chunk_size=3, **kwargs)(
         params, x, y, key=jax.random.key(0)
     )
     np.testing.assert_allclose(a.value, b.value, rtol=1e-5)
@@ -309,9 +309,9 @@ class TestBadInput:
                 example1, phipsimu.measures.determinant(), num_samples=2, check_iterations=-1
             )
 
-    def test_batch_size_and_eta(self):
-        with pytest.raises(ValueError, match="batch_size"):
-            phipsimu.sharpness(example1, phipsimu.measures.trace(), num_samples=2, batch_size=0)
+    def test_chunk_size_and_eta(self):
+        with pytest.raises(ValueError, match="chunk_size"):
+            phipsimu.sharpness(example1, phipsimu.measures.trace(), num_samples=2, chunk_size=0)
         with pytest.raises(ValueError, match="eta"):
             phipsimu.sharpness(example1, phipsimu.measures.trace(), num_samples=2, eta=-1.0)
 

@@ -216,7 +216,7 @@ class TestBadInput:
             ({"num_samples": 3, "antithetic": True}, "num_samples=3.*even"),
             ({"strength": -0.5}, "strength=-0.5"),
             ({"eta": -1.0}, "eta=-1.0"),
-            ({"batch_size": 0}, "batch_size=0"),
+            ({"chunk_size": 0}, "chunk_size=0"),
         ],
     )
     def test_hyperparameters(self, kwargs, match):

@@ -117,19 +117,19 @@ def test_log_determinant_singular_is_minus_inf_indefinite_is_nan():
     assert np.isnan(bad.value) and np.isnan(bad.stderr)
 
 
-def test_log_determinant_log_value_is_log_of_the_log_determinant():
-    """``value`` is log det(H + δI) itself; ``log_value = log(value)`` (the Estimate
-    convention), so NaN once det < 1. Diagonal H and n = d make SLQ exact."""
+def test_log_determinant_log_value_is_the_log_determinant():
+    """``value`` and ``log_value`` are both log det(H + δI) (also when det < 1, where the log
+    of the log-determinant would be NaN), and ``log_value`` equals the determinant preset's
+    closed-form ``log_value``. Diagonal H and n = d make SLQ exact."""
     key = jax.random.key(0)
     for diag in ([2.0, 3.0, 4.0, 5.0], [0.1, 0.2, 0.5, 2.0]):
         loss, params = quadratic_loss(np.diag(diag))
         est = phipsimu.log_determinant(loss, num_samples=2, num_iterations=4)(params, key=key)
         ref = np.sum(np.log(diag))
         np.testing.assert_allclose(est.value, ref, rtol=1e-5)
-        if ref > 0:
-            np.testing.assert_allclose(est.log_value, np.log(ref), rtol=1e-5)
-        else:
-            assert np.isnan(est.log_value)
+        np.testing.assert_allclose(est.log_value, ref, rtol=1e-5)
+        det = phipsimu.exact_sharpness(loss, phipsimu.measures.determinant())(params)
+        np.testing.assert_allclose(est.log_value, det.log_value, rtol=1e-5)
 
 
 def test_spectral_density_mass_and_moments(mlp):
@@ -354,7 +354,7 @@ def test_dataset_sharpness_applies_psi_to_full_data_forms():
     batches = _split(x, y, [10, 9, 5])
     measure = phipsimu.measures.eigen_moment(2)
     key = jax.random.key(0)
-    pooled = phipsimu.dataset_sharpness(mlp_loss, measure, num_samples=64)(params, batches, key=key)
+    pooled = phipsimu.sharpness(mlp_loss, measure, num_samples=64)(params, key=key, batches=batches)
     whole = phipsimu.sharpness(mlp_loss, measure, num_samples=64)(params, x, y, key=key)
     np.testing.assert_allclose(pooled.value, whole.value, rtol=1e-5)
     np.testing.assert_allclose(pooled.stderr, whole.stderr, rtol=1e-4)
@@ -437,8 +437,8 @@ def test_bad_input():
     with pytest.raises(TypeError, match=r"one-shot iterator"):
         phipsimu.hessian_trace(loss, num_matvecs=4)(params, key=key, batches=iter([(1.0,)]))
     with pytest.raises(ValueError, match=r"yielded no batch"):
-        phipsimu.dataset_sharpness(loss, phipsimu.measures.trace(), num_samples=2)(
-            params, lambda: iter(()), key=key
+        phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=2)(
+            params, key=key, batches=lambda: iter(())
         )
     with pytest.raises(TypeError, match=r"key="):
         phipsimu.hessian_trace(loss, num_matvecs=4)(params, key=0)

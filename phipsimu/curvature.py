@@ -1,0 +1,31 @@
+"""Curvature operators: every estimator accepts one in place of a loss function.
+
+* ``hessian(loss_fn)``: ``∇²L`` (what a plain loss function means);
+* ``gauss_newton(apply_fn, output_loss)``: the generalised Gauss–Newton ``Jᵀ∇²ℓJ`` (the Fisher
+  for softmax cross-entropy), positive semi-definite;
+* ``linear_operator(matvec)``: your own symmetric matrix-vector product.
+
+Each is a frozen, hashable :class:`Operator` with ``matvec(params, v, *args)``,
+``quadratic_forms(params, v, *args)`` and ``dense(params, *args)``, all taking ``batches=`` and
+``mask=``.
+"""
+
+from phipsimu._curvature import (
+    GaussNewton,
+    Hessian,
+    LinearOperator,
+    Operator,
+    gauss_newton,
+    hessian,
+    linear_operator,
+)
+
+__all__ = [
+    "GaussNewton",
+    "Hessian",
+    "LinearOperator",
+    "Operator",
+    "gauss_newton",
+    "hessian",
+    "linear_operator",
+]

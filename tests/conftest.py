@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import phipsimu
+
 
 def random_spd(seed: int, d: int, low: float = 0.5, high: float = 3.0) -> np.ndarray:
     """A random symmetric positive-definite matrix with eigenvalues in [low, high]."""
@@ -82,3 +84,12 @@ def small_mlp():
 def example1(x):
     """The paper's Example 1: L = x₁²x₂² − 2x₁x₂ + 1."""
     return x[0] ** 2 * x[1] ** 2 - 2 * x[0] * x[1] + 1
+
+
+def matfree_quadratic():
+    """An SPD quadratic (d = 60) and its Hessian's matvec from ``phipsimu.hvp``, for
+    comparisons with matfree on the same probes."""
+    a = random_spd(5, 60, 0.5, 4.0)
+    loss, params = quadratic_loss(a)
+    hvp = phipsimu.hvp(loss)
+    return a, loss, params, lambda v: hvp(params, v)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import example1, mlp_loss, quadratic_loss, random_spd
+from conftest import example1, init_mlp, mlp_loss, quadratic_loss, random_spd, split_batches
 from test_measure import sphere_moment_reference
 
 import phipsimu
@@ -288,6 +288,36 @@ def test_nan_loss_gives_nan_estimate():
         assert np.isnan(float(est.value))
 
 
+def test_sharpness_with_batches_applies_psi_to_full_data_forms():
+    """ψ(t) = t² is nonlinear: the dataset measure is ψ of the pooled quadratic form, equal
+    to the one-batch measure on the concatenated data, and not the mean of per-batch
+    measures (the batches are made to differ in curvature)."""
+    params = init_mlp(jax.random.key(0), [3, 5, 2])
+    x = (
+        jax.random.normal(jax.random.key(1), (24, 3))
+        * jnp.where(jnp.arange(24) < 10, 3.0, 0.3)[:, None]
+    )
+    y = jax.random.normal(jax.random.key(2), (24, 2))
+    batches = split_batches(x, y, [10, 9, 5])
+    measure = phipsimu.measures.eigen_moment(2)
+    key = jax.random.key(0)
+    pooled = phipsimu.sharpness(mlp_loss, measure, num_samples=64)(params, key=key, batches=batches)
+    whole = phipsimu.sharpness(mlp_loss, measure, num_samples=64)(params, x, y, key=key)
+    np.testing.assert_allclose(pooled.value, whole.value, rtol=1e-5)
+    np.testing.assert_allclose(pooled.stderr, whole.stderr, rtol=1e-4)
+    per_batch = (
+        sum(
+            len(b[0])
+            * float(
+                phipsimu.sharpness(mlp_loss, measure, num_samples=64)(params, *b, key=key).value
+            )
+            for b in batches
+        )
+        / 24
+    )
+    assert abs(per_batch - float(whole.value)) > 0.1 * float(whole.value)
+
+
 class TestBadInput:
     def test_non_scalar_loss(self):
         fn = phipsimu.sharpness(lambda p: p**2, phipsimu.measures.trace(), num_samples=2)
@@ -335,6 +365,11 @@ class TestBadInput:
         )
         with pytest.raises(ValueError, match="mask"):
             fn({"a": jnp.ones(2)}, key=jax.random.key(0))
+
+    def test_empty_batches(self):
+        fn = phipsimu.sharpness(example1, phipsimu.measures.trace(), num_samples=2)
+        with pytest.raises(ValueError, match=r"yielded no batch"):
+            fn(jnp.ones(2), key=jax.random.key(0), batches=lambda: iter(()))
 
     def test_exact_too_large(self):
         with pytest.raises(ValueError, match="max_dim=10"):

@@ -1,10 +1,10 @@
 """Invariance tools: function-preserving rescalings of networks, the volume factor det D of a
 diagonal rescaling, and ``check_invariance``, which compares a measure at x and at T(x).
 
-Theory (MATH.md "Theorem 1", "Adaptive metric"): if ``L(Dx) = L(x)`` for a positive diagonal D
-then ``H(Dx) = D⁻¹H(x)D⁻¹``. Measures with a product density μ (``invariant_gaussian``, the
-determinant) are invariant when det D = 1; adaptive measures (``adaptive=True``) for every D;
-the trace and λ_max in general for none.
+Theory (docs/conventions.md, sections "Theorem 1" and "Adaptive metric"): if ``L(Dx) = L(x)`` for a
+positive diagonal D then ``H(Dx) = D⁻¹H(x)D⁻¹``. Measures with a product density μ
+(``invariant_gaussian``, the determinant) are invariant when det D = 1; adaptive measures
+(``adaptive=True``) for every D; the trace and λ_max in general for none.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def rescale_neurons(params: Sequence[dict], layer: int, factors: Any) -> list[di
 
     For a positively homogeneous activation σ (ReLU, leaky ReLU: ``σ(cz) = cσ(z)`` for c > 0)
     unit j's output is multiplied by c_j and the next layer divides it back. The induced D
-    has ``det D = ∏_j c_j^(fan_in + 1 − fan_out)`` (the +1 only with a bias; MATH.md), so it is
-    volume-preserving only in special cases: see :func:`volume_factor`.
+    has ``det D = ∏_j c_j^(fan_in + 1 − fan_out)`` (the +1 only with a bias; docs/conventions.md,
+    "Theorem 1"), so it is volume-preserving only in special cases: see :func:`volume_factor`.
 
     Args:
       params: a list of layers ``{"w": (fan_in, fan_out), "b": (fan_out,)}`` ("b" optional)

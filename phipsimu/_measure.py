@@ -3,7 +3,8 @@
 objective), and the presets of the paper's Table 1 with their spectral closed forms.
 
 Reference: Tahmasebi et al., "On Scale-Invariant Sharpness Measures", Definition 1, Table 1;
-conventions in MATH.md.
+docs/conventions.md, sections "Definition 1", "Estimators and standard errors" and
+"Table 1 presets".
 """
 
 from __future__ import annotations
@@ -326,7 +327,10 @@ def gaussian_moments(eigs: jax.Array, n: int) -> jax.Array:
 
 
 def sphere_moment(eigs: jax.Array, n: int) -> jax.Array:
-    """``p(λ) = E_sphere[(vᵀHv)^n] = E_gauss[(gᵀHg)^n] / ∏_{j<n}(d + 2j)`` (MATH.md)."""
+    """``p(λ) = E_sphere[(vᵀHv)^n] = E_gauss[(gᵀHg)^n] / ∏_{j<n}(d + 2j)``.
+
+    Reference: docs/conventions.md, "Table 1 presets".
+    """
     d = eigs.shape[0]
     return gaussian_moments(eigs, n) / math.prod(d + 2 * j for j in range(n))
 
@@ -391,7 +395,8 @@ def _frob_spectral(eigs):
 def frobenius(*, mask: Any = None) -> Measure:
     """‖H‖_F² with a vector-valued ψ: ψ(t) = (t, t²), φ(a, b) = (b − a²)/2, μ = N(0, I).
 
-    ``E[(gᵀHg)²] = Tr(H)² + 2‖H‖_F²`` so ``Var[gᵀHg]/2 = ‖H‖_F²`` (MATH.md). The estimate
+    ``E[(gᵀHg)²] = Tr(H)² + 2‖H‖_F²`` so ``Var[gᵀHg]/2 = ‖H‖_F²`` (docs/conventions.md,
+    "Frobenius"). The estimate
     uses the unbiased sample variance (denominator m − 1), not the plug-in, which is biased
     by (m − 1)/m. Needs at least 2 samples.
     """
@@ -454,7 +459,7 @@ def invariant_gaussian(
     gives the same estimate at x and Dx sample by sample. Unlike the determinant (f ≡ 1),
     which is 0 on any zero-loss manifold, the factor f damps the null directions of H that
     are not coordinate axes: on Example 1, ``∫ψ dμ ≈ 3.397`` at every point (k, 1/k) of the
-    manifold x₁x₂ = 1 (2-D quadrature; MATH.md quotes ≈ 3.400 from importance sampling),
+    manifold x₁x₂ = 1 (2-D quadrature; importance sampling gives ≈ 3.40),
     so S ≈ 0.294 there.
 
     When it diverges: along a coordinate axis ∏v = 0 and f = 1, so a zero or negative
@@ -479,7 +484,7 @@ def invariant_gaussian(
       >>> bool(jnp.allclose(a.value, b.value, rtol=1e-5))
       True
 
-    Reference: Tahmasebi et al., Theorem 1; MATH.md "Theorem 1".
+    Reference: Tahmasebi et al., Theorem 1; docs/conventions.md, "Theorem 1".
     """
     return Measure(
         _reciprocal,

@@ -478,7 +478,8 @@ def product_density(
     .. math::
        d\\mu(v) = \\prod_{g} f\\Big(\\prod_{i \\in g} v_i\\Big) \\prod_i dv_i
 
-    Sampled by importance sampling with the **equivariant proposal** (MATH.md, Theorem 1)
+    Sampled by importance sampling with the **equivariant proposal** (docs/conventions.md,
+    "Equivariant proposal")
 
     .. math::
        v_i = \\sigma\\, \\frac{T_i}{\\mathrm{gm}_{g(i)}(T)}\\, z_i, \\quad z \\sim N(0, I),
@@ -536,6 +537,6 @@ def product_density(
       >>> v.shape, log_w.shape
       ((3, 2), (3,))
 
-    Reference: Tahmasebi et al., Theorem 1 (eq. 8); MATH.md "Theorem 1".
+    Reference: Tahmasebi et al., Theorem 1 (eq. 8); docs/conventions.md, "Theorem 1".
     """
     return ProductDensity(mask=mask, log_f=log_f, scale=scale, groups=groups, eps=eps)

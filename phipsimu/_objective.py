@@ -1,4 +1,5 @@
-"""The (φ, ψ, μ)-sharpness-aware loss: eq. (10) of the paper with the factor of MATH.md.
+"""The (φ, ψ, μ)-sharpness-aware loss: eq. (10) of the paper with the factor of docs/conventions.md,
+section "Eq. (10)".
 
 .. math::
    L_{(\\phi,\\psi,\\mu)}(x) = L(x) + s\\,\\rho^2\\,
@@ -101,7 +102,7 @@ def sharpness_aware_loss(
     chunk_size: int | None = None,
     has_aux: bool = False,
 ) -> Callable[..., Any]:
-    """The (φ, ψ, μ)-sharpness-aware loss (eq. 10, with the factor 2 of MATH.md).
+    """The (φ, ψ, μ)-sharpness-aware loss (eq. 10, with docs/conventions.md's factor 2).
 
     .. math::
        L_{(\\phi,\\psi,\\mu)}(x) = L(x) + s\\,\\rho^2\\,\\phi\\Big(\\frac1m \\sum_i w_i\\,
@@ -156,7 +157,7 @@ def sharpness_aware_loss(
       >>> g.shape
       (3,)
 
-    Reference: Tahmasebi et al., eq. (10) and Theorem 2; MATH.md "Eq. (10)".
+    Reference: Tahmasebi et al., eq. (10) and Theorem 2; docs/conventions.md, "Eq. (10)".
     """
     _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
     term = sharpness_term(

@@ -20,7 +20,7 @@ D = 6
 
 
 def references(a: np.ndarray) -> dict[str, float]:
-    """S for every preset from numpy alone (MATH.md closed forms)."""
+    """S for every preset from numpy alone (docs/conventions.md, "Table 1 presets")."""
     return {
         "trace": np.trace(a) / a.shape[0],
         "eigen_moment_2": sphere_moment_reference(a, 2),

@@ -1,11 +1,11 @@
-"""Scale invariance (MATH.md "Theorem 1", "Adaptive metric"): Example 1 along its zero-loss
-manifold, ReLU MLPs under layer- and neuron-wise rescalings, the symmetry toolkit,
-check_invariance, property tests and bad input.
+"""Scale invariance (docs/conventions.md, sections "Theorem 1" and "Adaptive metric"): Example 1
+along its zero-loss manifold, ReLU MLPs under layer- and neuron-wise rescalings, the symmetry
+toolkit, check_invariance, property tests and bad input.
 
-References nobody here wrote: closed forms from MATH.md, dense ``jax.hessian`` with numpy's
-``eigvalsh``/``slogdet``, and 2-D quadrature on a numpy grid. Monte Carlo bounds are 4 of the
-estimator's own standard errors with a fixed key. "Same key ⇒ same estimate" checks use
-rtol 1e-4: float32 rounding of the same probes at x and Dx is ~1e-6 relative.
+References nobody here wrote: closed forms from docs/conventions.md, dense ``jax.hessian`` with
+numpy's ``eigvalsh``/``slogdet``, and 2-D quadrature on a numpy grid. Monte Carlo bounds are 4 of
+the estimator's own standard errors with a fixed key. "Same key ⇒ same estimate" checks use rtol
+1e-4: float32 rounding of the same probes at x and Dx is ~1e-6 relative.
 """
 
 import math
@@ -61,7 +61,8 @@ class TestExample1:
             exact = phipsimu.exact_sharpness(example1, phipsimu.measures.trace())(on_manifold(k))
             traces.append(float(exact.value))
             lam_max.append(np.linalg.eigvalsh(dense_hessian64(example1, on_manifold(k))[0])[-1])
-        # MATH.md: ½Tr H = x₁² + x₂², and on Γ the eigenvalues of H are (0, 2x₁² + 2x₂²)
+        # docs/conventions.md, "Example 1": ½Tr H = x₁² + x₂², and on Γ the eigenvalues of H
+        # are (0, 2x₁² + 2x₂²)
         ref = [k**2 + k**-2 for k in KS]
         np.testing.assert_allclose(traces, ref, rtol=1e-5)
         np.testing.assert_allclose(lam_max, 2 * np.array(ref), rtol=1e-10)
@@ -87,7 +88,7 @@ class TestExample1:
     @pytest.mark.parametrize(
         ("measure", "ref"),
         [
-            # T_x H T_x has eigenvalues (0, 4) on Γ (MATH.md): Tr/d = 2,
+            # T_x H T_x has eigenvalues (0, 4) on Γ ("Adaptive metric"): Tr/d = 2,
             # (Tr² + 2Tr(H²))/(d(d+2)) = (16 + 32)/8 = 6, ‖·‖_F² = 16.
             (phipsimu.measures.trace(), 2.0),
             (phipsimu.measures.eigen_moment(2), 6.0),
@@ -115,7 +116,8 @@ class TestExample1:
             k: quadrature_invariant_gaussian(dense_hessian64(example1, on_manifold(k))[0])
             for k in (1.0, 2.0)
         }
-        # MATH.md quotes ≈ 3.400 (importance sampling); quadrature gives 3.3970 at both points
+        # docs/conventions.md, "Theorem 1", quotes ≈ 3.40 (importance sampling); quadrature
+        # gives 3.3970 at both points
         assert abs(ref[1.0] - 3.400) < 0.005 and abs(ref[2.0] - ref[1.0]) < 1e-6
         for est in ests.values():
             assert np.isfinite(float(est.value)) and np.isfinite(float(est.log_value))
@@ -237,7 +239,8 @@ class TestBiasFreeSquareMLP:
 
 class TestNeuronRescalingWithBiases:
     """2→3→2 ReLU MLP with biases; hidden unit j: incoming weights and bias × c_j, outgoing
-    weights ÷ c_j. det D = ∏ c_j^(fan_in + 1 − fan_out) = ∏ c_j (MATH.md), ≠ 1 here."""
+    weights ÷ c_j. det D = ∏ c_j^(fan_in + 1 − fan_out) = ∏ c_j (docs/conventions.md,
+    "Theorem 1"), ≠ 1 here."""
 
     C = np.array([1.7, 0.45, 3.1])
 

@@ -1,7 +1,7 @@
 """Measure triples, the shared reduction, and the presets' spectral closed forms.
 
-The closed forms are checked against formulas computed here with numpy (MATH.md), so the
-references are not our own code.
+The closed forms are checked against formulas computed here with numpy (docs/conventions.md, section
+"Table 1 presets"), so the references are not our own code.
 """
 
 import math
@@ -15,7 +15,7 @@ from phipsimu import _measure
 
 
 def sphere_moment_reference(a: np.ndarray, n: int) -> float:
-    """E_sphere[(vᵀAv)ⁿ] for n = 1, 2, 3 from the Gaussian moments (MATH.md)."""
+    """E_sphere[(vᵀAv)ⁿ] for n = 1, 2, 3 from the Gaussian moments ("Table 1 presets")."""
     d = a.shape[0]
     t1, t2, t3 = (np.trace(np.linalg.matrix_power(a, k)) for k in (1, 2, 3))
     gauss = {1: t1, 2: t1**2 + 2 * t2, 3: t1**3 + 6 * t1 * t2 + 8 * t3}[n]

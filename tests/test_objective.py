@@ -1,5 +1,5 @@
-"""The (φ, ψ, μ)-sharpness-aware loss (eq. 10 with MATH.md's factor): its ρ → 0 limit, its
-gradient, antithetic and adaptive variants, has_aux and bad input.
+"""The (φ, ψ, μ)-sharpness-aware loss (eq. 10 with the factor of docs/conventions.md,
+"Eq. (10)"): its ρ → 0 limit, its gradient, antithetic and adaptive variants, has_aux and bad input.
 
 Limit tests compare the objective with the Hessian estimator on the *same probes* (same key,
 same sampler), so the O(ρ) error is measured without Monte Carlo noise; the estimator is in
@@ -36,10 +36,11 @@ def term_over_rho2(loss, measure, x, rho, num, key, **kw):
 
 
 def assert_order_rho(errs, rhos, scale):
-    """Error O(ρ): |error|/ρ stays bounded (by twice its value at the largest ρ) as ρ
-    shrinks 4×, the error falls at least 3×, and it ends below 5% of S. Without the factor 2
-    of MATH.md the error would tend to S/2 instead. (For a symmetric μ the O(ρ) coefficient
-    is an odd Monte Carlo moment near 0, so the O(ρ²) term shows and the ratios vary.)"""
+    """Error O(ρ): |error|/ρ stays bounded (by twice its value at the largest ρ) as ρ shrinks 4×,
+    the error falls at least 3×, and it ends below 5% of S. Without the factor 2
+    (docs/conventions.md, "Eq. (10)") the error would tend to S/2 instead. (For a symmetric μ the
+    O(ρ) coefficient is an odd Monte Carlo moment near 0, so the O(ρ²) term shows and the ratios
+    vary.)"""
     bound = 2 * errs[0] / rhos[0]
     assert all(e / r <= bound for e, r in zip(errs, rhos))
     assert errs[-1] < errs[0] / 3

@@ -12,10 +12,17 @@ NaN: no transform blends branches arithmetically, so a NaN loss or gradient give
 updates (never silently zeroed or finite); wrap the chain in ``optax.apply_if_finite`` to
 skip such steps. A finite loss with a zero gradient gives finite updates.
 
-Data parallel: with ``axis_name`` (inside ``pmap``/``shard_map``/``vmap`` with that axis),
-``sync=True`` (default) uses the same perturbation on every device (for SAM: the gradient
-is ``pmean``-ed before normalising) and ``sync=False`` keeps perturbations per device
-(m-sharpness); in both cases the returned updates are ``pmean``-ed so replicas stay equal.
+Data parallel (docs/conventions.md, section "Scaling out"): under ``jax.jit`` with the batch
+sharded by a ``NamedSharding`` no argument is needed. Inside ``jax.pmap``, ``jax.shard_map``
+(with or without ``check_vma``) or ``jax.vmap`` with a named axis, pass ``axis_name`` and, on
+each device, the gradient JAX gives for the local loss (``jax.grad(value_fn)(params)``) with
+``value_fn`` the local loss. ``sync=True`` (default) returns the single-device update on the
+global batch on every device: the incoming gradients are averaged, the perturbations are the
+same on every device, and the loss at each perturbed point is averaged over devices *before*
+any nonlinear φ or ψ is applied. ``sync=False`` keeps the sharpness term per device
+(m-sharpness: each device draws its own perturbations and measures its own shard); the
+updates are averaged, so replicas stay equal. Params must be replicated along ``axis_name``
+(they may be sharded along other mesh axes).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from phipsimu import _checks, _curvature, _measure, _objective, _tree
+from phipsimu import _checks, _curvature, _measure, _objective, _parallel, _tree
 
 PyTree = Any
 
@@ -55,11 +62,6 @@ def _value_fn_or_raise(value_fn: Any, params: PyTree) -> Callable[[PyTree], jax.
     return value_fn
 
 
-def _check_axis(axis_name: Any) -> None:
-    if axis_name is not None and not isinstance(axis_name, str):
-        raise TypeError(f"axis_name={axis_name!r}: must be a str (the mapped axis) or None")
-
-
 def _on_float_leaves(
     updates: PyTree, params: PyTree, values: list, combine: Callable[[Any, Any], Any]
 ) -> PyTree:
@@ -69,10 +71,6 @@ def _on_float_leaves(
     it = iter(values)
     out = [combine(u, next(it)) if f else u for u, f in zip(leaves, _tree.perturbed_leaves(params))]
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _pmean(tree: PyTree, axis_name: str | None) -> PyTree:
-    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
 def sharpness_aware(
@@ -120,7 +118,7 @@ def sharpness_aware(
         chunk_size=chunk_size,
     )
     _checks.seed("seed", seed)
-    _check_axis(axis_name)
+    _parallel.check_axis_name("axis_name", axis_name)
 
     def init_fn(params: PyTree) -> SharpnessAwareState:
         del params
@@ -130,14 +128,34 @@ def sharpness_aware(
         del extra_args
         value_fn = _value_fn_or_raise(value_fn, params)
         rng_key, key = jax.random.split(state.rng_key)
-        if axis_name is not None and not sync:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        floats = _tree.perturbed_leaves(params)
+        incoming = _tree.active(updates, floats)
+        if axis_name is None:
 
-        grad = _pmean(
-            _curvature.float_grad(lambda p: term(value_fn, p, value_fn(p), key), params),
-            axis_name,
+            def objective(p):
+                return term(value_fn, p, value_fn(p), key)
+
+        else:
+            _parallel.axis_size(axis_name)
+            incoming = _parallel.mean_gradient(
+                incoming, jax.eval_shape(value_fn, params), axis_name
+            )
+            if sync:
+                # The global loss at every point, before φ and ψ see it.
+                loss = _parallel.global_value_fn(value_fn, axis_name)
+            else:
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+                loss = value_fn
+
+            def objective(p):
+                # pmean of a per-device term (sync=False) or of the same global term
+                # (sync=True): its gradient, pmean-ed below, is the global one in every mode.
+                return _parallel.pmean(term(loss, p, loss(p), key), axis_name)
+
+        grad = _parallel.pmean(_curvature.float_grad(objective, params), axis_name)
+        new = _on_float_leaves(
+            updates, params, [u + g for u, g in zip(incoming, grad)], lambda u, n: n.astype(u.dtype)
         )
-        new = _on_float_leaves(updates, params, grad, lambda u, g: (u + g).astype(u.dtype))
         return new, SharpnessAwareState(rng_key=rng_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -168,7 +186,7 @@ def sam(
     """
     _checks.real("rho", rho, lo=0.0, strict=False)
     _checks.real("eta", eta, lo=0.0, strict=False)
-    _check_axis(axis_name)
+    _parallel.check_axis_name("axis_name", axis_name)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
@@ -176,8 +194,10 @@ def sam(
         floats = _tree.perturbed_leaves(params)
         x, merge = _tree.split(params, floats)
         g = _tree.active(updates, floats)
-        if axis_name is not None and sync:
-            g = jax.lax.pmean(g, axis_name)
+        if axis_name is not None:
+            _parallel.axis_size(axis_name)
+            if sync:
+                g = _parallel.mean_gradient(g, jax.eval_shape(value_fn, params), axis_name)
         if adaptive:
             t = [jnp.abs(xi) + eta for xi in x]
             tg = _tree.mul(t, g)
@@ -189,8 +209,15 @@ def sam(
         # ‖g‖ = 0 only when g = 0: dividing 0 by 1 gives ε = 0; NaN stays NaN (NaN > 0 is
         # false, so the numerator's NaN propagates).
         safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
-        adv = merge(_tree.add_scale(x, rho / safe, direction))
-        grad = _pmean(_curvature.float_grad(value_fn, adv), axis_name)
+        adv = _tree.add_scale(x, rho / safe, direction)
+        if axis_name is None:
+            grad = jax.grad(lambda a: value_fn(merge(a)))(adv)
+        elif sync:
+            loss = _parallel.global_value_fn(value_fn, axis_name)
+            grad = jax.lax.pmean(jax.grad(lambda a: loss(merge(a)))(adv), axis_name)
+        else:
+            grad = _parallel.local_gradient(lambda a: value_fn(merge(a)), adv, axis_name)
+            grad = jax.lax.pmean(grad, axis_name)
         new = _on_float_leaves(updates, params, grad, lambda u, n: n.astype(u.dtype))
         return new, state
 

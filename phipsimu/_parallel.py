@@ -1,0 +1,123 @@
+"""Data parallelism over a named mapped axis: ``jax.pmap``, ``jax.shard_map`` (with or without
+its varying-value checks) and ``jax.vmap`` with ``axis_name``.
+
+The contract, in one place (docs/conventions.md, section "Scaling out"): each device holds one
+shard of the global batch and a loss ``L_k`` on it; the global loss is the mean over devices,
+``L = mean_k L_k`` (equal shards). Every quantity the library computes from losses is computed
+from global losses, so the answer is the single-device answer on the global batch:
+
+* a value is averaged over devices (``pmean``) before any nonlinearity is applied to it;
+* a gradient is the gradient of such a global value, averaged over devices at the end.
+
+How JAX differentiates through a collective depends on the mode. Under ``pmap`` and
+``shard_map(check_vma=False)`` the gradient of ``pmean(L_k)`` with respect to replicated params
+is the device's own ``∇L_k``, and a final ``pmean`` gives the global gradient. Under
+``shard_map`` with its default checks, JAX tracks which values vary across the axis: the
+gradient of ``pmean(L_k)`` with respect to replicated (unvarying) params is already the global
+gradient, and the gradient of the *local* ``L_k`` is their sum ``Σ_k ∇L_k`` (N times the mean).
+The final ``pmean`` of an unvarying value is the identity, so "gradient of the pmean-ed value,
+then ``pmean``" is right in both modes; incoming gradients (the user's ``jax.grad`` of the
+local loss) are brought to the global mean by :func:`mean_gradient`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+def check_axis_name(name: str, value: Any) -> None:
+    """Static check at construction: ``None`` or a str."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(
+            f"{name}={value!r}: must be a str (the name of the mapped axis given to jax.pmap, "
+            "the mesh of jax.shard_map or jax.vmap) or None"
+        )
+
+
+def axis_size(axis_name: str, name: str = "axis_name") -> int:
+    """The number of devices along ``axis_name``; a clear error when it is not bound here."""
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{name}={axis_name!r}: this axis is not bound where the function runs; call it "
+            f"inside jax.pmap(..., axis_name={axis_name!r}), inside jax.shard_map over a mesh "
+            f"with an axis {axis_name!r}, or inside jax.vmap(..., axis_name={axis_name!r}). "
+            "Under plain jax.jit with sharded data, pass axis_name=None: jit already computes "
+            "the global-batch answer"
+        ) from None
+
+
+def _varying(x: Any) -> frozenset:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def tracks_varying(axis_name: str) -> bool:
+    """Whether JAX tracks varying values along ``axis_name`` (``shard_map`` with its default
+    ``check_vma=True``); False under ``pmap``, ``vmap`` and ``shard_map(check_vma=False)``."""
+    return axis_name in _varying(jax.lax.axis_index(axis_name))
+
+
+def is_varying(x: Any, axis_name: str) -> bool:
+    """Whether ``x`` (an array, tracer or ``ShapeDtypeStruct``) is typed as varying along
+    ``axis_name`` (only meaningful when :func:`tracks_varying`)."""
+    return axis_name in _varying(x)
+
+
+def pmean(tree: PyTree, axis_name: str | None) -> PyTree:
+    """``jax.lax.pmean`` over ``axis_name``; the identity when it is None."""
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def mean_gradient(grads: list, loss: Any, axis_name: str) -> list:
+    """The global-batch gradient from the gradients JAX gives each device for its local loss.
+
+    Args:
+      grads: per-device ``jax.grad`` of the local loss (a list of leaves).
+      loss: the local loss value, or its ``jax.eval_shape`` (only its type is read).
+      axis_name: the data axis.
+
+    Under ``pmap``/``check_vma=False`` each device holds ``∇L_k``: average. Under tracked
+    varying values a leaf that varies is ``∇L_k`` (average it); an unvarying leaf of a varying
+    loss is JAX's sum ``Σ_k ∇L_k`` (divide by N); an unvarying leaf of an unvarying loss (the
+    user averaged the loss already) is the global gradient.
+    """
+    if not tracks_varying(axis_name):
+        return jax.lax.pmean(grads, axis_name)
+    n = jax.lax.axis_size(axis_name)
+    loss_varies = is_varying(loss, axis_name)
+    out = []
+    for g in grads:
+        if is_varying(g, axis_name):
+            out.append(jax.lax.pmean(g, axis_name))
+        elif loss_varies:
+            out.append((g / n).astype(g.dtype))
+        else:
+            out.append(g)
+    return out
+
+
+def global_value_fn(value_fn: Any, axis_name: str | None) -> Any:
+    """``p -> pmean_k value_fn(p)``: the global-batch loss (identical on every device)."""
+    if axis_name is None:
+        return value_fn
+    return lambda p: jax.lax.pmean(value_fn(p), axis_name)
+
+
+def local_gradient(fn: Any, x: list, axis_name: str) -> list:
+    """Each device's own ``∇fn(x)`` of a per-device ``fn`` (m-sharpness), as a list aligned
+    with ``x``: under tracked varying values ``x`` is first typed as varying, so JAX does not
+    sum the gradient over devices."""
+    if tracks_varying(axis_name):
+        x = [
+            v if is_varying(v, axis_name) else jax.lax.pcast(v, axis_name, to="varying") for v in x
+        ]
+    return jax.grad(fn)(x)

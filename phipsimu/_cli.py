@@ -1,62 +1,56 @@
 """``phipsimu demo``: train a small MLP on scikit-learn's bundled digits five ways (SGD, SAM,
 ASAM, the trace-(φ, ψ, μ) objective and the adaptive-trace (φ, ψ, μ) objective) with the same
-seed and budget, then compare accuracy, loss and sharpness (Tr(H)/d, λ_max, adaptive trace),
-and save a figure.
+seeds and budget, then compare test accuracy (mean and 95% confidence interval over seeds),
+loss and sharpness (Tr(H)/d, λ_max, adaptive trace), and save a figure.
 
-Uses only the public API, as a user would.
+Uses only the public API and :mod:`phipsimu.examples`, as a user would.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import phipsimu
+from phipsimu import examples
 
 BASE_LR = 0.05
 BATCH = 64
+SIZES = (64, 32, 10)
+#: Training is timed in this many blocks of steps; time/step is the median over blocks.
+TIMING_BLOCKS = 5
+# Two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom (then ~normal).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
-def load_digits(seed: int) -> tuple[np.ndarray, ...]:
-    """Digits (1,797 8×8 images shipped with scikit-learn), scaled to [0, 1]; a stratified-free
-    random 75/25 train/test split fixed by ``seed``."""
-    try:
-        from sklearn.datasets import load_digits as _load
-    except ImportError as err:  # pragma: no cover - depends on the install
-        raise SystemExit("phipsimu demo needs scikit-learn: pip install -e '.[examples]'") from err
-    data = _load()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
-    perm = np.random.default_rng(seed).permutation(len(x))
-    cut = int(0.75 * len(x))
-    return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+def cross_entropy(params: Any, x: Any, y: Any) -> jax.Array:
+    return examples.cross_entropy(params, x, y)
 
 
-def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
-    params = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        key, sub = jax.random.split(key)
-        w = jax.random.normal(sub, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
-        params.append({"w": w, "b": jnp.zeros(fan_out)})
-    return params
+def interval(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% Student-t confidence interval; None with one value
+    (the spread is unknown, not zero)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, None
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
-def mlp(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
-
-
-def cross_entropy(params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y))
+def fmt(value: float, half: float | None, width: int = 21) -> str:
+    """``value ± half``, or ``value ± n/a`` when the uncertainty is unknown (never ``± 0``)."""
+    text = f"{value:.4g} ± {half:.2g}" if half is not None and half > 0 else f"{value:.4g} ± n/a"
+    return f"{text:>{width}}"
 
 
 def methods(num_samples: int) -> dict[str, optax.GradientTransformationExtraArgs]:
@@ -93,18 +87,28 @@ def methods(num_samples: int) -> dict[str, optax.GradientTransformationExtraArgs
 class Result(NamedTuple):
     losses: list[float]
     params: Any
-    seconds_per_step: float
+    seconds_per_step: float  # median over TIMING_BLOCKS blocks of steps
+
+
+def progress_bar(desc: str, total: int) -> Any:
+    """tqdm on a terminal; nothing in logs, pipes and CI (tqdm's ``disable=None``), and nothing
+    when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with the examples extra
+        return None
+    return tqdm(total=total, desc=desc, disable=None, leave=False, file=sys.stderr)
 
 
 def train(
     tx: optax.GradientTransformation,
     params: Any,
-    data: tuple[np.ndarray, ...],
+    split: examples.Split,
     steps: int,
     seed: int,
-    progress: Callable[[int], None],
+    desc: str,
 ) -> Result:
-    xtr, ytr = data[0], data[1]
+    xtr, ytr = split.x_train, split.y_train
 
     @jax.jit
     def step(params, state, x, y):
@@ -120,34 +124,28 @@ def train(
     batches = [rng.choice(len(xtr), BATCH, replace=False) for _ in range(steps)]
     losses = []
     params, state, loss = step(params, state, xtr[batches[0]], ytr[batches[0]])  # compiles
-    losses.append(float(loss))
-    t0 = time.perf_counter()
-    for i in range(1, steps):
-        idx = batches[i]
-        params, state, loss = step(params, state, xtr[idx], ytr[idx])
-        losses.append(loss)
-        progress(i + 1)
-    jax.block_until_ready(params)
-    elapsed = (time.perf_counter() - t0) / max(steps - 1, 1)
-    return Result([float(x) for x in losses], params, elapsed)
+    losses.append(loss)
+    bar = progress_bar(desc, steps)
+    edges = np.linspace(1, steps, min(TIMING_BLOCKS, steps - 1) + 1).astype(int)
+    per_step = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        jax.block_until_ready(params)
+        t0 = time.perf_counter()
+        for i in range(lo, hi):
+            params, state, loss = step(params, state, xtr[batches[i]], ytr[batches[i]])
+            losses.append(loss)
+        jax.block_until_ready(params)
+        per_step.append((time.perf_counter() - t0) / max(hi - lo, 1))
+        if bar is not None:
+            bar.update(hi - lo)
+    if bar is not None:
+        bar.close()
+    return Result([float(x) for x in losses], params, statistics.median(per_step))
 
 
-def bar(name: str, total: int) -> Callable[[int], None]:
-    def show(i: int) -> None:
-        if i % max(1, total // 40) and i != total:
-            return
-        done = int(30 * i / total)
-        sys.stderr.write(f"\r{name:<9}[{'#' * done}{'.' * (30 - done)}] {i}/{total}")
-        if i == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
-def sharpness_probes(num_samples: int) -> Callable[..., dict]:
+def sharpness_probes(num_samples: int) -> Any:
     """Sharpness of the full training loss, with standard errors. The estimators are built
-    and jitted once and reused for every method (same shapes, no recompilation)."""
+    and jitted once and reused for every method and seed (same shapes, no recompilation)."""
     trace = jax.jit(
         phipsimu.sharpness(cross_entropy, phipsimu.measures.trace(), num_samples=num_samples)
     )
@@ -170,41 +168,68 @@ def sharpness_probes(num_samples: int) -> Callable[..., dict]:
         )
         return {
             "trace": (float(t.value), float(t.stderr)),
-            "lambda_max": (float(eig.value[0]), float(eig.residual[0])),
+            "lambda_max": (float(eig.value[0]), None),
             "adaptive": (float(a.value), float(a.stderr)),
         }
 
     return run
 
 
-def plot(results: dict, table: dict, out: str, steps: int) -> None:
+COLUMNS = (
+    ("accuracy", "test accuracy"),
+    ("trace", "Tr(H)/d"),
+    ("lambda_max", "λ_max (Lanczos)"),
+    ("adaptive", "adaptive Tr(T H T)/d"),
+)
+
+
+def summarise(runs: list[dict]) -> dict[str, tuple[float, float | None]]:
+    """Mean and 95% CI over seeds; with one seed, 2 Monte Carlo standard errors where the
+    estimator has one and unknown (None) otherwise."""
+    out = {}
+    for key, _ in COLUMNS:
+        if len(runs) > 1:
+            out[key] = interval([r[key][0] for r in runs])
+        else:
+            value, se = runs[0][key]
+            out[key] = (value, None if se is None else 2 * se)
+    return out
+
+
+def plot(losses: dict, table: dict, out: str, steps: int, seeds: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 4))
     window = max(1, steps // 25)
-    for name, res in results.items():
-        smooth = np.convolve(res.losses, np.ones(window) / window, mode="valid")
-        axes[0].plot(np.arange(len(smooth)) + window, smooth, label=name)
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("step")
-    axes[0].set_title(f"training loss (moving average of {window})")
+    for i, (name, curves) in enumerate(losses.items()):
+        mean = np.mean(np.asarray(curves), axis=0)
+        smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+        axes[0].plot(np.arange(len(smooth)) + window, smooth, label=name, color=f"C{i}")
+    axes[0].set(
+        yscale="log",
+        xlabel="step",
+        ylabel="training loss",
+        title=f"loss (mean of {seeds} seed(s), moving average of {window})",
+    )
     axes[0].legend()
     names = list(table)
-    for ax, (key, title) in zip(
-        axes[1:],
-        [
-            ("trace", "Tr(H)/d ± 2 s.e."),
-            ("lambda_max", "λ_max (Lanczos) ± residual"),
-            ("adaptive", "adaptive Tr(T H T)/d ± 2 s.e."),
-        ],
-    ):
-        vals = [table[n][key][0] for n in names]
-        errs = [table[n][key][1] * (2 if key != "lambda_max" else 1) for n in names]
-        ax.bar(names, vals, yerr=errs, color=[f"C{i}" for i in range(len(names))], capsize=4)
-        ax.set_title(title)
+    band = "95% CI over seeds" if seeds > 1 else "± 2 s.e. (none where unknown)"
+    for ax, (key, label) in zip(axes[1:], COLUMNS):
+        for i, n in enumerate(names):
+            value, half = table[n][key]
+            ax.errorbar(
+                [i],
+                [value],
+                yerr=None if half is None else [half],
+                fmt="o",
+                capsize=5,
+                color=f"C{i}",
+            )
+        ax.set_xticks(range(len(names)), names)
+        ax.set(xlabel="method", ylabel=label, title=f"{label}, {band}")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -212,49 +237,87 @@ def plot(results: dict, table: dict, out: str, steps: int) -> None:
 
 
 def demo(
-    steps: int, seed: int, out: str, names: Sequence[str], num_samples: int, probes: int
+    steps: int,
+    seeds: int,
+    seed: int,
+    out: str,
+    names: Sequence[str],
+    num_samples: int,
+    probes: int,
 ) -> int:
-    data = load_digits(seed)
-    xtr, ytr, xte, yte = data
-    params0 = init_mlp(jax.random.key(seed), [64, 32, 10])
-    d = sum(p.size for p in jax.tree_util.tree_leaves(params0))
-    print(
-        f"digits: {len(xtr)} train / {len(xte)} test images; MLP 64-32-10 (d = {d}); "
-        f"{steps} steps of batch {BATCH}, SGD(lr={BASE_LR}, momentum=0.9) inside every method"
-    )
     available = methods(num_samples)
-    results, table = {}, {}
-    for name in names:
-        results[name] = train(available[name], params0, data, steps, seed, bar(name, steps))
-    sgd_time = results["sgd"].seconds_per_step if "sgd" in results else None
+    probe = sharpness_probes(probes)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    losses: dict[str, list[list[float]]] = {n: [] for n in names}
+    train_loss: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for s in range(seed, seed + seeds):
+        split = examples.load_dataset("digits", seed=s)
+        params0 = examples.init_mlp(jax.random.key(s), SIZES)
+        if s == seed:
+            d = sum(p.size for p in jax.tree_util.tree_leaves(params0))
+            print(
+                f"digits: {len(split.x_train)} train / {len(split.x_test)} test images; MLP "
+                f"{'-'.join(map(str, SIZES))} (d = {d}); {steps} steps of batch {BATCH}, "
+                f"SGD(lr={BASE_LR}, momentum=0.9) inside every method; {seeds} seed(s) "
+                f"{seed}..{seed + seeds - 1} (split, initialisation and batches)"
+            )
+        key = jax.random.key(s + 10_000)  # the same probes for every method
+        for name in names:
+            res = train(available[name], params0, split, steps, s, f"{name} seed {s}")
+            xtr, ytr = split.x_train, split.y_train
+            row = probe(res.params, xtr, ytr, key)
+            acc = float(examples.accuracy(res.params, split.x_test, split.y_test))
+            row["accuracy"] = (acc, None)
+            runs[name].append(row)
+            losses[name].append(res.losses)
+            train_loss[name].append(float(cross_entropy(res.params, xtr, ytr)))
+            times[name].append(res.seconds_per_step)
+    table = {name: summarise(runs[name]) for name in names}
     print(
-        f"\n{'method':<9}{'test acc':>9}{'train loss':>11}{'Tr(H)/d':>21}"
+        f"\n{'method':<9}{'test acc':>21}{'train loss':>11}{'Tr(H)/d':>21}"
         f"{'λ_max':>21}{'adaptive trace':>21}{'time/step':>10}"
     )
-    probe = sharpness_probes(probes)
-    key = jax.random.key(seed + 1)  # the same probes for every method
-    for name, res in results.items():
-        acc = float(jnp.mean(jnp.argmax(mlp(res.params, xte), -1) == yte))
-        train_loss = float(cross_entropy(res.params, xtr, ytr))
-        table[name] = probe(res.params, xtr, ytr, key)
-        rel = f"{res.seconds_per_step / sgd_time:.2f}x" if sgd_time else "n/a"
-        cells = "".join(f"{f'{v:.4g} ± {e:.2g}':>21}" for v, e in table[name].values())
-        print(f"{name:<9}{acc:>9.3f}{train_loss:>11.4f}{cells}{rel:>10}")
+    for name in names:
+        if "sgd" in times:
+            rel = statistics.median(a / b for a, b in zip(times[name], times["sgd"]))
+            ratio = f"{rel:.2f}x"
+        else:
+            ratio = "n/a"
+        cells = "".join(fmt(*table[name][key]) for key, _ in COLUMNS[1:])
+        print(
+            f"{name:<9}{fmt(*table[name]['accuracy'])}"
+            f"{statistics.fmean(train_loss[name]):>11.4f}{cells}{ratio:>10}"
+        )
+    if seeds > 1:
+        spread = f"the 95% confidence interval of the mean over {seeds} seeds (Student t)"
+    else:
+        spread = (
+            f"2 Monte Carlo standard errors over {probes} probes, n/a where unknown "
+            "(one seed: use --seeds for confidence intervals)"
+        )
     print(
-        f"(± is the Monte Carlo standard error over {probes} probes; for λ_max the Lanczos "
-        "residual bound. time/step is relative to SGD.)"
+        f"(± is {spread}. time/step is relative to SGD: the median over seeds of the "
+        f"ratio of median per-step times over {TIMING_BLOCKS} blocks of steps.)"
     )
-    plot(results, table, out, steps)
+    plot(losses, table, out, steps, seeds)
     print(f"figure: {out}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phipsimu", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"phipsimu {phipsimu.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train a digits MLP five ways and compare their sharpness")
     p.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds to average over, for confidence intervals (default 3; 2 with --quick)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--out", default="phipsimu_demo.png", help="where to write the figure")
     p.add_argument(
         "--methods",
@@ -263,10 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--num-samples", type=int, default=4, help="perturbations per step")
     p.add_argument("--probes", type=int, default=128, help="probes per sharpness estimate")
-    p.add_argument("--quick", action="store_true", help="under 30 s: 150 steps, 32 probes")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run: 150 steps, 2 seeds, 32 probes"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.probes = 150, 32
+    if args.seeds is None:
+        args.seeds = 2 if args.quick else 3
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = ("sgd", "sam", "asam", "trace", "adaptive")
     bad = [m for m in names if m not in known]
@@ -274,11 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--methods={args.methods!r}: choose from {','.join(known)}")
     if args.steps < 2:
         parser.error(f"--steps={args.steps}: must be >= 2")
+    if args.seeds < 1:
+        parser.error(f"--seeds={args.seeds}: must be >= 1")
     if args.num_samples < 2 or args.num_samples % 2:
         parser.error(f"--num-samples={args.num_samples}: must be even and >= 2 (antithetic)")
     if args.probes < 2:
         parser.error(f"--probes={args.probes}: must be >= 2")
-    return demo(args.steps, args.seed, args.out, names, args.num_samples, args.probes)
+    return demo(args.steps, args.seeds, args.seed, args.out, names, args.num_samples, args.probes)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ Reference: Tahmasebi, Soleymani, Jegelka, Jaillet, "On Scale-Invariant Sharpness
 
 from phipsimu import curvature, examples, measures, mu, symmetries
 from phipsimu._curvature import MAX_DENSE_DIM, hvp
+from phipsimu._diagnostics import PARETO_K_THRESHOLD, Status, describe_status
 from phipsimu._estimate import exact_sharpness, sharpness
 from phipsimu._invariance import InvarianceReport, check_invariance
 from phipsimu._measure import Estimate, Measure
@@ -32,14 +33,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_DENSE_DIM",
+    "PARETO_K_THRESHOLD",
     "EigenResult",
     "Estimate",
     "InvarianceReport",
     "Measure",
     "SharpnessAwareState",
     "SpectralDensity",
+    "Status",
     "check_invariance",
     "curvature",
+    "describe_status",
     "exact_sharpness",
     "examples",
     "frobenius_sam",

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _curvature, _krylov, _measure, _mu, _tree
+from phipsimu import _checks, _curvature, _diagnostics, _krylov, _measure, _mu, _tree
 from phipsimu._curvature import MAX_DENSE_DIM
+from phipsimu._diagnostics import Status
 from phipsimu._measure import Estimate
 
 PyTree = Any
@@ -137,7 +138,12 @@ def sharpness(
         value = jnp.where(indefinite, nan, jnp.where(singular, 0.0, est.value))
         log_value = jnp.where(indefinite, nan, jnp.where(singular, -jnp.inf, est.log_value))
         stderr = jnp.where(indefinite, nan, jnp.where(singular, 0.0, est.stderr))
-        return est._replace(value=value, stderr=stderr, log_value=log_value)
+        status = (
+            est.status
+            | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
+            | _diagnostics.flag(singular & ~indefinite, Status.SINGULAR | Status.DIVERGENT)
+        )
+        return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
     return estimate
 
@@ -211,8 +217,13 @@ def exact_sharpness(
             else:
                 value = measure.spectral(eigs)
                 log_value = jnp.log(value)
-            zero = jnp.zeros((), h.dtype)
-            return Estimate(value, zero, log_value, jnp.full((), jnp.inf, h.dtype), 0)
+            est = _measure.closed_form(value, log_value, h.dtype)
+            if measure.requires_positive_definite:
+                status = _diagnostics.flag(
+                    jnp.isnan(log_value), Status.NOT_POSITIVE_DEFINITE
+                ) | _diagnostics.flag(log_value == -jnp.inf, Status.SINGULAR | Status.DIVERGENT)
+                est = est._replace(status=status)
+            return est
         if key is None:
             raise ValueError(
                 f"key=None: measure {measure.name!r} has no closed form, so exact_sharpness "

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from phipsimu import _mu
+from phipsimu import _diagnostics, _mu
+from phipsimu._diagnostics import Status
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -100,14 +101,16 @@ def check_measure(measure: Any) -> Measure:
 
 
 class Estimate(NamedTuple):
-    """An estimate with its uncertainty: the one result type of every estimator.
+    """An estimate with its uncertainty and diagnostics: the one result type of every
+    estimator.
 
     Attributes:
       value: the estimate (NaN when the quantity is undefined at this point, see the
-        estimator's or preset's docs, or when the loss is NaN). A pytree shaped like the
-        params for :func:`phipsimu.hessian_diagonal`.
+        estimator's or preset's docs and ``status``, or when the loss is NaN). A pytree shaped
+        like the params for :func:`phipsimu.hessian_diagonal`.
       stderr: its standard error (delta method through φ for sharpness measures; NaN with one
-        sample, 0 for a closed form). Shaped like ``value``.
+        sample, 0 for a closed form). Shaped like ``value``. Trust it only when ``status`` is 0
+        (in particular ``pareto_k <= 0.7``).
       log_value: ``log S`` of the quantity S the estimator measures. For log-space measures
         (the determinant) computed directly and finite where ``value`` over- or underflows;
         otherwise ``log(value)``. For :func:`phipsimu.log_determinant`, whose ``value`` is
@@ -120,6 +123,15 @@ class Estimate(NamedTuple):
         probability measures and for the spectral/trace estimators; ``inf`` for a closed form.
       num_samples: the number of probes (0 for a closed form; an int array once returned
         from a jitted function).
+      pareto_k: the generalised-Pareto shape k̂ fitted to the largest Monte Carlo terms
+        ``|w_i ψ_i|`` (Pareto-smoothed importance sampling; for a vector ψ the terms are
+        linearised through φ). Below 0.5 the stderr is reliable; above
+        :data:`phipsimu.PARETO_K_THRESHOLD` = 0.7 the estimate and its stderr are not to be
+        trusted (``Status.HEAVY_TAILED``). NaN when not fitted: fewer than 25 samples, a
+        closed form, a flat tail, or non-finite terms.
+      status: int32 bit flags (:class:`phipsimu.Status`; 0 = nothing to report) saying why a
+        value is NaN, 0 or −inf, or why it is not to be trusted. Jit-safe (an array);
+        :meth:`reasons` puts a concrete status into words.
     """
 
     value: Any
@@ -127,6 +139,19 @@ class Estimate(NamedTuple):
     log_value: Any
     ess: jax.Array
     num_samples: int
+    pareto_k: jax.Array
+    status: jax.Array
+
+    def reasons(self) -> list[str]:
+        """The status in words, one sentence per flag (empty when the status is 0).
+
+        Call it on a concrete estimate (outside ``jit``)."""
+        return _diagnostics.describe_status(self.status)
+
+    @property
+    def ok(self) -> jax.Array:
+        """``status == 0``: nothing to report (a boolean array, jit-safe)."""
+        return self.status == 0
 
 
 def std_mean(x: jax.Array) -> jax.Array:
@@ -139,11 +164,29 @@ def std_mean(x: jax.Array) -> jax.Array:
 
 def sample_mean(per_sample: jax.Array) -> Estimate:
     """The mean of ``m`` equally weighted per-sample estimates (shape ``(m,)``) as an
-    :class:`Estimate`: standard error of the mean, ``log_value = log(value)``, ESS = m."""
+    :class:`Estimate`: standard error of the mean, ``log_value = log(value)``, ESS = m, Pareto
+    k̂ of ``|per_sample|`` and the status flags that follow from them."""
     value = jnp.mean(per_sample)
     m = per_sample.shape[0]
     ess_ = jnp.full((), m, per_sample.dtype)
-    return Estimate(value, std_mean(per_sample), jnp.log(value), ess_, m)
+    k = _diagnostics.pareto_k(jnp.log(jnp.abs(per_sample)))
+    status = sample_status(per_sample, k)
+    return Estimate(value, std_mean(per_sample), jnp.log(value), ess_, m, k, status)
+
+
+def sample_status(terms: jax.Array, k: jax.Array) -> jax.Array:
+    """``NONFINITE_LOSS`` if a term is NaN or infinite, ``HEAVY_TAILED`` if k̂ > 0.7."""
+    return _diagnostics.flag(
+        ~jnp.all(jnp.isfinite(terms)), Status.NONFINITE_LOSS
+    ) | _diagnostics.flag(k > _diagnostics.PARETO_K_THRESHOLD, Status.HEAVY_TAILED)
+
+
+def closed_form(value: Any, log_value: Any, dtype: Any) -> Estimate:
+    """A closed-form (exact) :class:`Estimate`: stderr 0, ESS inf, no samples, k̂ NaN."""
+    stderr = jax.tree.map(jnp.zeros_like, value)
+    inf = jnp.full((), jnp.inf, dtype)
+    nan = jnp.full((), jnp.nan, dtype)
+    return Estimate(value, stderr, log_value, inf, 0, nan, _diagnostics.ok())
 
 
 def ess(log_weight: jax.Array) -> jax.Array:
@@ -164,34 +207,45 @@ def reduce(
 
     The effective sample size is ``(Σu)²/Σu²`` with ``u_i = w_i`` in the linear path and
     ``u_i = w_i ψ(t_i)`` in log space (where ψ > 0, so ``ψ dμ`` is the measure being
-    importance-sampled and the ESS shows how well the proposal matches the integrand).
+    importance-sampled and the ESS shows how well the proposal matches the integrand). The
+    Pareto k̂ is fitted to the largest ``|w_i ψ(t_i)|`` (linearised through φ for a vector ψ);
+    ``status`` gets ``NONFINITE_LOSS`` (a non-finite t), ``NOT_POSITIVE_DEFINITE`` (a t <= 0
+    for a measure that needs a positive definite H) and ``HEAVY_TAILED`` (k̂ > 0.7).
 
     Args:
       measure: the (φ, ψ, μ) triple.
       t: shape ``(m,)``, the quadratic forms (or finite-difference curvatures).
       log_weight: shape ``(m,)``, ``log(dμ/dq)`` at each draw.
       d: the dimension of the perturbed parameters.
-      with_stats: compute stderr and ESS (skip them inside objectives; NaN then).
+      with_stats: compute stderr, ESS and k̂ (skip them inside objectives; NaN then).
 
     Returns:
       an :class:`Estimate` with ``num_samples = m``.
     """
     m = t.shape[0]
     nan = jnp.full((), jnp.nan, t.dtype)
+    status = _diagnostics.flag(~jnp.all(jnp.isfinite(t)), Status.NONFINITE_LOSS)
+    if measure.requires_positive_definite:
+        # a probe with vᵀHv <= 0 proves H is not positive definite
+        status = status | _diagnostics.flag(jnp.any(t <= 0), Status.NOT_POSITIVE_DEFINITE)
     if measure.log_space:
         ell = log_weight + measure.log_psi(t)
         log_mean = jax.scipy.special.logsumexp(ell) - math.log(m)
         log_value = measure.apply_log_phi(log_mean, d)
         value = jnp.exp(log_value)
         if not with_stats:
-            return Estimate(value, nan, log_value, nan, m)
+            return Estimate(value, nan, log_value, nan, m, nan, status)
         z = jnp.exp(ell - jax.lax.stop_gradient(jnp.max(ell)))
         rel = std_mean(z) / jnp.mean(z)
         slope = jax.grad(lambda s: measure.apply_log_phi(s, d))(log_mean)
         stderr_log = jnp.abs(slope) * rel
+        k = _diagnostics.pareto_k(ell)
+        status = status | _diagnostics.flag(
+            k > _diagnostics.PARETO_K_THRESHOLD, Status.HEAVY_TAILED
+        )
         # ψ > 0 here, so w·ψ are the importance weights of the target measure ψ dμ: their
         # ESS shows how well the proposal matches the integrand, not just μ.
-        return Estimate(value, value * stderr_log, log_value, ess(ell), m)
+        return Estimate(value, value * stderr_log, log_value, ess(ell), m, k, status)
 
     y = jax.vmap(measure.psi)(t)
     w = jnp.exp(log_weight).reshape((m,) + (1,) * (y.ndim - 1))
@@ -206,11 +260,14 @@ def reduce(
     value = jnp.asarray(phi(mean))
     log_value = jnp.log(value)
     if not with_stats:
-        return Estimate(value, nan, log_value, nan, m)
+        return Estimate(value, nan, log_value, nan, m, nan, status)
     grad = jax.grad(phi)(mean)
-    proj = jnp.reshape(y - mean, (m, -1)) @ jnp.reshape(grad, (-1,))
-    stderr = std_mean(proj)
-    return Estimate(value, stderr, log_value, ess(log_weight), m)
+    # the terms linearised through φ: their spread is the stderr, their tail is k̂
+    lin = jnp.reshape(y, (m, -1)) @ jnp.reshape(grad, (-1,))
+    stderr = std_mean(lin)
+    k = _diagnostics.pareto_k(jnp.log(jnp.abs(lin)))
+    status = status | _diagnostics.flag(k > _diagnostics.PARETO_K_THRESHOLD, Status.HEAVY_TAILED)
+    return Estimate(value, stderr, log_value, ess(log_weight), m, k, status)
 
 
 # ---------------------------------------------------------------- presets (Table 1)

@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from phipsimu import _checks, _curvature, _krylov, _measure, _mu, _tree
+from phipsimu import _checks, _curvature, _diagnostics, _krylov, _measure, _mu, _tree
+from phipsimu._diagnostics import Status
 from phipsimu._measure import Estimate
 
 PyTree = Any
@@ -429,7 +430,12 @@ def log_determinant(
         bad = jnp.where(low < -tol, jnp.nan, -jnp.inf)
         value = jnp.where(low > tol, est.value, bad)
         stderr = jnp.where(low > tol, est.stderr, jnp.nan)
-        return est._replace(value=value, stderr=stderr, log_value=value)
+        status = (
+            est.status
+            | _diagnostics.flag(low < -tol, Status.NOT_POSITIVE_DEFINITE)
+            | _diagnostics.flag(jnp.abs(low) <= tol, Status.SINGULAR)
+        )
+        return est._replace(value=value, stderr=stderr, log_value=value, status=status)
 
     return _slq_estimator(
         loss_fn,

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _curvature, _measure, _mu, _tree
+from phipsimu import _checks, _curvature, _diagnostics, _measure, _mu, _tree
+from phipsimu._diagnostics import Status
 from phipsimu._measure import Estimate
 
 PyTree = Any
@@ -318,9 +319,8 @@ def hessian_diagonal(
             diag = ravel_pytree(bound.active)[1](bound.quad(units))
             bar.close()
             value = _tree.unsplit(params, perturbed, diag)
-            stderr = jax.tree.map(jnp.zeros_like, value)
-            inf = jnp.full((), jnp.inf, _tree.float_dtype(params, perturbed))
-            return Estimate(value, stderr, jax.tree.map(jnp.log, value), inf, 0)
+            dtype = _tree.float_dtype(params, perturbed)
+            return _measure.closed_form(value, jax.tree.map(jnp.log, value), dtype)
         draw = _mu.rademacher(mask=mask).draw(key, params, num_samples)
         bar = _curvature.progress_bar(progress and batches is not None, 1, "diagonal")
         bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk_size, bar)
@@ -329,7 +329,13 @@ def hessian_diagonal(
         bar.close()
         value = _tree.unsplit(params, draw.perturbed, [jnp.mean(s, axis=0) for s in samples])
         stderr = _tree.unsplit(params, draw.perturbed, [_measure.std_mean(s) for s in samples])
-        ess = jnp.full((), num_samples, _tree.float_dtype(params, draw.perturbed))
-        return Estimate(value, stderr, jax.tree.map(jnp.log, value), ess, num_samples)
+        dtype = _tree.float_dtype(params, draw.perturbed)
+        ess = jnp.full((), num_samples, dtype)
+        # per-coordinate estimates: no single tail to fit; only non-finite terms are flagged
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in samples]))
+        status = _diagnostics.flag(~finite, Status.NONFINITE_LOSS)
+        nan = jnp.full((), jnp.nan, dtype)
+        log_value = jax.tree.map(jnp.log, value)
+        return Estimate(value, stderr, log_value, ess, num_samples, nan, status)
 
     return estimate

@@ -1,0 +1,110 @@
+"""Diagnostics on every Estimate: Pareto k̂, status flags and their words."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+import phipsimu
+from phipsimu import Status
+from phipsimu._diagnostics import pareto_k, tail_size
+
+
+@pytest.mark.parametrize("shape", [-0.3, 0.0, 0.5, 1.0])
+def test_pareto_k_recovers_the_shape_of_a_generalised_pareto_sample(shape):
+    # 4000 draws: a tail of 190 terms; k̂'s sampling sd is about (1 + k)/sqrt(190) <= 0.15
+    x = scipy.stats.genpareto.rvs(shape, size=4000, random_state=np.random.default_rng(1))
+    k = float(pareto_k(jnp.log(jnp.asarray(x))))
+    assert abs(k - shape) < 0.3
+
+
+def test_pareto_k_matches_scipys_maximum_likelihood_on_the_same_tail():
+    x = scipy.stats.genpareto.rvs(0.6, size=2000, random_state=np.random.default_rng(2))
+    n = tail_size(x.size)
+    top = np.sort(x)[-(n + 1) :]
+    shape_ml, _, _ = scipy.stats.genpareto.fit(top[1:] - top[0], floc=0.0)
+    k = float(pareto_k(jnp.log(jnp.asarray(x))))
+    # k̂ is a posterior mean shrunk to 0.5 by 10 pseudo-observations: close to the MLE
+    assert abs(k - shape_ml) < 0.1
+
+
+def test_pareto_k_is_nan_when_it_cannot_be_fitted():
+    assert np.isnan(pareto_k(jnp.zeros(16)))  # m < 25: tail of fewer than 5 terms
+    assert np.isnan(pareto_k(jnp.zeros(100)))  # flat tail
+    assert np.isnan(pareto_k(jnp.full(100, jnp.nan)))
+    # zero terms (log = −inf) are fine
+    x = jnp.log(jnp.concatenate([jnp.zeros(50), jnp.arange(1.0, 51.0)]))
+    assert np.isfinite(pareto_k(x))
+
+
+def test_pareto_k_is_jit_and_vmap_safe():
+    x = jnp.log(jax.random.pareto(jax.random.key(0), 1.0, (3, 1000)) + 1.0)
+    k = jax.jit(jax.vmap(pareto_k))(x)
+    np.testing.assert_allclose(k, [pareto_k(row) for row in x], rtol=1e-5)
+    assert np.all((k > 0.6) & (k < 1.4))
+
+
+def test_describe_status_and_reasons():
+    assert phipsimu.describe_status(0) == []
+    words = phipsimu.describe_status(Status.SINGULAR | Status.HEAVY_TAILED)
+    assert len(words) == 2 and "singular" in words[0] and "heavy-tailed" in words[1]
+    assert all(phipsimu.describe_status(flag) for flag in Status if flag)
+
+
+def _quadratic(diag):
+    a = jnp.asarray(diag)
+    return lambda x: 0.5 * jnp.sum(a * x**2), jnp.ones_like(a)
+
+
+def test_a_nan_loss_says_why():
+    loss = lambda x: jnp.nan * jnp.sum(x**2)  # noqa: E731
+    est = phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=32)(
+        jnp.ones(3), key=jax.random.key(0)
+    )
+    assert np.isnan(est.value)
+    assert est.status & Status.NONFINITE_LOSS
+    assert "non-finite" in est.reasons()[0]
+
+
+def test_a_clean_estimate_has_status_zero_and_a_light_tail():
+    loss, x = _quadratic([1.0, 2.0, 3.0])
+    est = jax.jit(phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=256))(
+        x, key=jax.random.key(0)
+    )
+    assert int(est.status) == 0 and bool(est.ok) and est.reasons() == []
+    assert float(est.pareto_k) < 0.5  # ψ is bounded on the sphere
+
+
+@pytest.mark.parametrize(
+    ("diag", "flags", "log_value"),
+    [
+        ([1.0, -1.0, 2.0], Status.NOT_POSITIVE_DEFINITE, np.nan),
+        ([1.0, 0.0, 2.0], Status.SINGULAR | Status.DIVERGENT, -np.inf),
+    ],
+)
+def test_determinant_status_on_indefinite_and_singular_hessians(diag, flags, log_value):
+    loss, x = _quadratic(diag)
+    measure = phipsimu.measures.determinant(scale=1.0)
+    est = jax.jit(phipsimu.sharpness(loss, measure, num_samples=64))(x, key=jax.random.key(0))
+    assert est.status & flags == flags
+    np.testing.assert_equal(float(est.log_value), log_value)
+    exact = phipsimu.exact_sharpness(loss, measure)(x)
+    assert exact.status & flags == flags
+
+
+def test_log_determinant_status():
+    loss, x = _quadratic([1.0, -1.0, 2.0])
+    est = phipsimu.log_determinant(loss, num_samples=4, num_iterations=3)(x, key=jax.random.key(0))
+    assert np.isnan(est.value) and est.status & Status.NOT_POSITIVE_DEFINITE
+
+
+def test_closed_forms_and_spectral_estimators_carry_diagnostics():
+    loss, x = _quadratic([1.0, 2.0, 3.0])
+    exact = phipsimu.exact_sharpness(loss, phipsimu.measures.trace())(x)
+    assert int(exact.status) == 0 and np.isnan(exact.pareto_k)
+    tr = phipsimu.hessian_trace(loss, num_matvecs=60)(x, key=jax.random.key(0))
+    # Rademacher probes are exact on a diagonal H: every term equal, a flat tail, no k̂
+    assert int(tr.status) == 0 and np.isnan(tr.pareto_k)
+    diag = phipsimu.hessian_diagonal(loss, num_samples=8)(x, key=jax.random.key(0))
+    assert int(diag.status) == 0

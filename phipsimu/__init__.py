@@ -21,6 +21,7 @@ from phipsimu._spectral import (
 )
 from phipsimu._trace import hessian_diagonal, hessian_trace
 from phipsimu._transforms import (
+    SamState,
     SharpnessAwareState,
     frobenius_sam,
     random_sam,
@@ -38,6 +39,7 @@ __all__ = [
     "Estimate",
     "InvarianceReport",
     "Measure",
+    "SamState",
     "SharpnessAwareState",
     "SpectralDensity",
     "Status",

@@ -4,10 +4,12 @@ is allowed (``rho=-1.0: must be a finite number > 0``). Traced values (inside ji
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def is_traced(value: Any) -> bool:
@@ -20,12 +22,21 @@ def real(name: str, value: Any, *, lo: float, strict: bool) -> Any:
     value is returned as it is."""
     if is_traced(value):
         return value
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}={value!r}: must be a real number, not a bool")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}={value!r}: must be a real number") from None
+    dtype = getattr(value, "dtype", None)
+    is_number = isinstance(value, (int, float, np.integer, np.floating))
+    is_scalar_array = (
+        dtype is not None
+        and getattr(value, "shape", None) == ()
+        and (
+            jax.numpy.issubdtype(dtype, jax.numpy.integer)
+            or jax.numpy.issubdtype(dtype, jax.numpy.floating)
+        )
+    )
+    if not (is_number or is_scalar_array):
+        raise TypeError(f"{name}={value!r}: must be a real number")
+    x = float(value)
     op = ">" if strict else ">="
     if not math.isfinite(x) or (x <= lo if strict else x < lo):
         raise ValueError(f"{name}={value!r}: must be a finite number {op} {lo}")
@@ -33,13 +44,26 @@ def real(name: str, value: Any, *, lo: float, strict: bool) -> Any:
 
 
 def integer(name: str, value: Any, *, lo: int, allow_none: bool = False) -> int | None:
-    """A Python int ``>= lo`` (a static size: arrays are not accepted), or None if allowed."""
+    """An int ``>= lo`` (a static size), or None if allowed, returned as a Python int. NumPy
+    integers and concrete 0-d integer arrays (as ``optax.inject_hyperparams`` passes them)
+    are accepted; traced values are not (a size must be known when the code is traced)."""
     if allow_none and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        extra = " or None" if allow_none else ""
+    extra = " or None" if allow_none else ""
+    if is_traced(value):
+        raise TypeError(
+            f"{name}: must be a static int{extra}, got a traced value; with "
+            f"optax.inject_hyperparams pass static_args=({name!r},)"
+        )
+    dtype = getattr(value, "dtype", None)
+    ok = isinstance(value, (int, np.integer)) or (
+        dtype is not None
+        and getattr(value, "shape", None) == ()
+        and jax.numpy.issubdtype(dtype, jax.numpy.integer)
+    )
+    if isinstance(value, (bool, np.bool_)) or not ok or int(value) < lo:
         raise ValueError(f"{name}={value!r}: must be an int >= {lo}{extra}")
-    return value
+    return int(value)
 
 
 def function(name: str, value: Any, what: str) -> Any:
@@ -50,26 +74,39 @@ def function(name: str, value: Any, what: str) -> Any:
 
 
 def seed(name: str, value: Any) -> Any:
-    """A PRNG seed: a non-negative Python int, or an integer array (as injected by
+    """A PRNG seed: an int in ``[0, 2**63)``, or an integer array (as injected by
     ``optax.inject_hyperparams``); traced values pass."""
     if is_traced(value):
         return value
     dtype = getattr(value, "dtype", None)
     if dtype is not None and getattr(value, "shape", None) == ():
-        if jax.numpy.issubdtype(dtype, jax.numpy.integer) and int(value) >= 0:
+        if jax.numpy.issubdtype(dtype, jax.numpy.integer) and 0 <= int(value) < 2**63:
             return value
-    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise ValueError(f"{name}={value!r}: must be a non-negative int")
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if 0 <= value < 2**63:
+            return value
+    raise ValueError(f"{name}={value!r}: must be an int with 0 <= {name} < 2**63")
+
+
+@functools.cache
+def _raw_key_shape(impl: str) -> tuple[int, ...]:
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+
+
+def raw_key_shape() -> tuple[int, ...]:
+    """The shape of a raw ``uint32`` key of the default PRNG implementation
+    (``jax_default_prng_impl``: ``(2,)`` for threefry, ``(4,)`` for rbg)."""
+    return _raw_key_shape(str(jax.config.jax_default_prng_impl))
 
 
 def check_key(key: Any, name: str = "key") -> None:
-    """Raise a clear error unless ``key`` is a JAX PRNG key (typed or raw uint32[2])."""
+    """Raise a clear error unless ``key`` is a single JAX PRNG key: a typed key of any
+    implementation, or a raw ``uint32`` key of the default implementation."""
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         if jax.numpy.shape(key) == ():
             return
-    elif dtype == jax.numpy.uint32 and jax.numpy.shape(key) == (2,):
+    elif dtype == jax.numpy.uint32 and jax.numpy.shape(key) == raw_key_shape():
         return
     raise TypeError(
         f"{name}={key!r}: must be a single JAX PRNG key, from jax.random.key(seed) or "

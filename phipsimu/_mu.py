@@ -114,7 +114,8 @@ class Sampler:
         d = _tree.dim(like, perturbed)
         if d == 0:
             raise ValueError(
-                "like: no leaf is perturbed (no floating-point leaves, or the mask excludes all)"
+                "params: no leaf is perturbed (no floating-point array leaves, or the mask "
+                "excludes all of them)"
             )
         v, log_w = self._draw(key, like, num, perturbed, d)
         return Draw(v, log_w, perturbed, d)
@@ -265,9 +266,11 @@ def _check_log_f(log_f: Any) -> None:
         )
     probes = list(zip(_PROBE_SIGNS, _PROBE_LOGS))
     try:
-        out = jax.vmap(log_f)(
-            jnp.asarray(_PROBE_SIGNS, jnp.float32), jnp.asarray(_PROBE_LOGS, jnp.float32)
-        )
+        # Evaluated eagerly even when the sampler is built inside a jit trace.
+        with jax.ensure_compile_time_eval():
+            out = jax.vmap(log_f)(
+                jnp.asarray(_PROBE_SIGNS, jnp.float32), jnp.asarray(_PROBE_LOGS, jnp.float32)
+            )
     except Exception as err:
         raise TypeError(
             f"log_f={log_f!r}: calling log_f(sign, log_abs_prod) on scalar probes failed; it "

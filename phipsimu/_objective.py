@@ -34,7 +34,8 @@ def sharpness_term(
 ) -> Callable[[Callable[[PyTree], jax.Array], PyTree, jax.Array, jax.Array], jax.Array]:
     """Validate the configuration once and return ``term(value_fn, params, base, key)``, the
     weighted sharpness term ``s·ρ² φ(mean_i w_i ψ(Δ_i))`` shared by the loss and the optax
-    transforms.
+    transforms, with the perturbed losses it used: ``(value, perturbed_losses)``, the losses of
+    shape ``(num_samples,)`` (with ``antithetic``, those at ``x + ρv_i`` then ``x − ρv_i``).
 
     ``Δ_i = 2(L(x + ρv_i) − L(x))/ρ²``, or with ``antithetic`` the symmetric difference
     ``(L(x + ρv_i) + L(x − ρv_i) − 2L(x))/ρ²`` over ``num_samples/2`` draws and their
@@ -61,7 +62,7 @@ def sharpness_term(
 
     def term(
         value_fn: Callable[[PyTree], jax.Array], params: PyTree, base: jax.Array, key: jax.Array
-    ) -> jax.Array:
+    ) -> tuple[jax.Array, jax.Array]:
         if antithetic and not measure.mu.symmetric(params):
             raise ValueError(
                 f"antithetic=True: the measure's sampler {type(measure.mu).__name__} is not "
@@ -80,11 +81,14 @@ def sharpness_term(
             )
 
         if antithetic:
-            delta = (shifted(1.0) + shifted(-1.0) - 2.0 * base) / rho**2
+            plus, minus = shifted(1.0), shifted(-1.0)
+            delta = (plus + minus - 2.0 * base) / rho**2
+            losses = jax.numpy.concatenate([plus, minus])
         else:
-            delta = 2.0 * (shifted(1.0) - base) / rho**2
+            losses = shifted(1.0)
+            delta = 2.0 * (losses - base) / rho**2
         r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, draw.d, with_stats=False)
-        return strength * rho**2 * r.value.astype(base.dtype)
+        return strength * rho**2 * r.value.astype(base.dtype), losses
 
     return term
 
@@ -189,7 +193,7 @@ def sharpness_aware_loss(
             def value_fn(p):
                 return loss_fn(p, *args)
 
-        total = base + term(value_fn, params, base, key)
+        total = base + term(value_fn, params, base, key)[0]
         return (total, aux) if has_aux else total
 
     return objective

@@ -116,8 +116,13 @@ def local_gradient(fn: Any, x: list, axis_name: str) -> list:
     """Each device's own ``∇fn(x)`` of a per-device ``fn`` (m-sharpness), as a list aligned
     with ``x``: under tracked varying values ``x`` is first typed as varying, so JAX does not
     sum the gradient over devices."""
+    return local_value_and_grad(fn, x, axis_name)[1]
+
+
+def local_value_and_grad(fn: Any, x: list, axis_name: str) -> tuple[Any, list]:
+    """:func:`local_gradient` with the device's own value ``fn(x)``."""
     if tracks_varying(axis_name):
         x = [
             v if is_varying(v, axis_name) else jax.lax.pcast(v, axis_name, to="varying") for v in x
         ]
-    return jax.grad(fn)(x)
+    return jax.value_and_grad(fn)(x)

@@ -2,15 +2,28 @@
 SAM, ASAM, Frob-SAM and random-perturbation SAM.
 
 All take the loss through the keyword-only extra argument ``value_fn(params) -> scalar``
-(the optax line-search convention) and ignore other extra arguments::
+(the optax line-search convention), or ``value_fn(params) -> (scalar, aux)`` with
+``has_aux=True`` (aux is ignored), and ignore other extra arguments::
 
     tx = optax.chain(phipsimu.sharpness_aware(phipsimu.measures.trace(), rho=0.05,
                                               num_samples=4), optax.sgd(0.1))
     updates, state = tx.update(grads, state, params, value_fn=lambda p: loss(p, batch))
 
-NaN: no transform blends branches arithmetically, so a NaN loss or gradient gives NaN
-updates (never silently zeroed or finite); wrap the chain in ``optax.apply_if_finite`` to
-skip such steps. A finite loss with a zero gradient gives finite updates.
+Non-finite values: with ``skip_nonfinite=True`` (default) a step whose perturbed loss or
+sharpness-aware gradient is not finite returns the incoming updates unchanged (the clean
+gradient) and increments ``nonfinite_count`` in the state; this is the guard that works,
+since ``optax.apply_if_finite`` around the chain only sees the incoming, finite gradient. With
+``skip_nonfinite=False`` such a step gives non-finite updates: put ``optax.apply_if_finite``
+*after* the transform, ``optax.chain(phipsimu.sam(...), optax.apply_if_finite(base, n))``.
+A NaN incoming gradient is passed on as it is, in both modes.
+
+Which leaves: floating-point array leaves of ``params`` (restricted by ``mask``) are
+perturbed and receive the sharpness-aware update; the other leaves (ints, bools, PRNG keys,
+masked-out leaves) are held fixed and their incoming updates pass through.
+
+Metrics: the states (:class:`SamState`, :class:`SharpnessAwareState`) hold the last step's
+losses and the count of non-finite steps; they never change the updates. Read them with
+``optax.tree.get(state, "nonfinite_count")``.
 
 Data parallel (docs/conventions.md, section "Scaling out"): under ``jax.jit`` with the batch
 sharded by a ``NamedSharding`` no argument is needed. Inside ``jax.pmap``, ``jax.shard_map``
@@ -22,11 +35,13 @@ same on every device, and the loss at each perturbed point is averaged over devi
 any nonlinear φ or ψ is applied. ``sync=False`` keeps the sharpness term per device
 (m-sharpness: each device draws its own perturbations and measures its own shard); the
 updates are averaged, so replicas stay equal. Params must be replicated along ``axis_name``
-(they may be sharded along other mesh axes).
+(they may be sharded along other mesh axes). The metrics in the state are averaged over
+devices too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,19 +49,110 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from phipsimu import _checks, _curvature, _measure, _objective, _parallel, _tree
+from phipsimu import _checks, _measure, _objective, _parallel, _tree
 
 PyTree = Any
 
 
+class SamState(NamedTuple):
+    """State of :func:`sam`: metrics of the last step (they never change the updates).
+
+    Attributes:
+      perturbed_loss: ``value_fn`` at the adversarial point ``x + ε``.
+      epsilon_norm: ``‖ε‖`` (ρ for SAM unless the gradient is 0).
+      nonfinite_count: int32, the number of steps so far whose perturbed loss or gradient
+        was not finite (with ``skip_nonfinite=True`` they returned the incoming updates).
+    """
+
+    perturbed_loss: jax.Array
+    epsilon_norm: jax.Array
+    nonfinite_count: jax.Array
+
+
 class SharpnessAwareState(NamedTuple):
-    """State of :func:`sharpness_aware`: the PRNG key (raw ``uint32[2]``, so it survives a
-    numpy round trip) for the next step's perturbations."""
+    """State of :func:`sharpness_aware` (and :func:`frobenius_sam`, :func:`random_sam`).
+
+    Attributes:
+      rng_key: the PRNG key for the next step's perturbations (raw ``uint32`` key data of
+        the default implementation, so it survives a numpy round trip).
+      loss: last step's ``value_fn(params)``.
+      perturbed_losses: last step's ``value_fn(params + ρv_i)``, shape ``(num_samples,)``
+        (with ``antithetic``, the ``+ρv_i`` losses then the ``−ρv_i`` ones).
+      sharpness_term: last step's ``s·ρ²·φ(…)``, the term whose gradient was added.
+      nonfinite_count: int32, steps so far whose sharpness term or gradient was not finite
+        (with ``skip_nonfinite=True`` they returned the incoming updates).
+    """
 
     rng_key: jax.Array
+    loss: jax.Array
+    perturbed_losses: jax.Array
+    sharpness_term: jax.Array
+    nonfinite_count: jax.Array
 
 
-def _value_fn_or_raise(value_fn: Any, params: PyTree) -> Callable[[PyTree], jax.Array]:
+# ---------------------------------------------------------------- checks
+
+
+_MASKED_NODE_MESSAGE = (
+    "params: holds optax.MaskedNode placeholders, so this transform runs inside "
+    "optax.masked, where the masked-out parameters are missing and the loss cannot be "
+    "evaluated; pass the mask to the transform instead (mask=...): it perturbs only the "
+    "masked-in leaves and passes the others' updates through"
+)
+
+
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _check_params(params: PyTree, name: str = "params") -> None:
+    """Raise a clear error for params these transforms cannot handle: missing, optax.masked
+    placeholders, Python floats (which would silently never be perturbed) and non-array
+    leaves such as the functions of an equinox module."""
+    if params is None:
+        raise ValueError(f"{name}: required by this transformation (pass the current params)")
+    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_masked_node)
+    for path, leaf in leaves:
+        where = jax.tree_util.keystr(path) or "(root)"
+        if _is_masked_node(leaf):
+            raise ValueError(_MASKED_NODE_MESSAGE.replace("params", name, 1))
+        if isinstance(leaf, float):
+            raise TypeError(
+                f"{name}: leaf {where} is the Python float {leaf!r}; it would never be "
+                "perturbed; make it an array (jnp.asarray) to train it, or move it out of "
+                "the params"
+            )
+        if getattr(leaf, "dtype", None) is None and not isinstance(leaf, (bool, int)):
+            raise TypeError(
+                f"{name}: leaf {where} is {leaf!r}, not an array; pass only the arrays, e.g. "
+                "for an equinox module `p, static = eqx.partition(model, eqx.is_inexact_array)`"
+                " and rebuild it in value_fn with `eqx.combine(p, static)`"
+            )
+
+
+def _check_updates(updates: PyTree, params: PyTree, perturbed: tuple[bool, ...]) -> None:
+    """``updates`` must be shaped like ``params`` (same structure, same shapes on the leaves
+    this transform changes), or one leaf's term would land on another."""
+    if any(map(_is_masked_node, jax.tree_util.tree_leaves(updates, is_leaf=_is_masked_node))):
+        raise ValueError(_MASKED_NODE_MESSAGE.replace("params", "updates", 1))
+    u_def = jax.tree_util.tree_structure(updates)
+    p_def = jax.tree_util.tree_structure(params)
+    if u_def != p_def:
+        raise ValueError(
+            f"updates: structure {u_def} does not match the params structure {p_def}; pass "
+            "updates (the gradient) shaped like params"
+        )
+    paths = jax.tree_util.tree_leaves_with_path(params)
+    for (path, p), u, f in zip(paths, jax.tree_util.tree_leaves(updates), perturbed):
+        if f and jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"updates: leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(u)}, the "
+                f"params leaf has shape {jnp.shape(p)}; pass updates shaped like params"
+            )
+
+
+def _loss_fn(value_fn: Any, params: PyTree, has_aux: bool) -> Callable[[PyTree], jax.Array]:
+    """``value_fn`` as a function returning the scalar loss (checked on shapes only)."""
     if value_fn is None:
         raise TypeError(
             "value_fn: missing; call tx.update(updates, state, params, "
@@ -54,23 +160,93 @@ def _value_fn_or_raise(value_fn: Any, params: PyTree) -> Callable[[PyTree], jax.
         )
     if not callable(value_fn):
         raise TypeError(f"value_fn={value_fn!r}: must be a callable params -> scalar loss")
-    if params is None:
-        raise ValueError("params: required by this transformation (pass the current params)")
     out = jax.eval_shape(value_fn, params)
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(f"value_fn: with has_aux=True must return (loss, aux), got {out!r}")
+        out = out[0]
+    elif isinstance(out, tuple):
+        raise ValueError(
+            f"value_fn: returns a tuple {out!r}; if it is (loss, aux) pass has_aux=True"
+        )
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"value_fn: must return a real floating-point scalar loss, got {out!r}")
-    return value_fn
+    return (lambda p: value_fn(p)[0]) if has_aux else value_fn
 
 
-def _on_float_leaves(
-    updates: PyTree, params: PyTree, values: list, combine: Callable[[Any, Any], Any]
+def _check_mask(mask: Any) -> Any:
+    if mask is None or callable(mask):
+        return mask
+    leaves = jax.tree_util.tree_leaves(mask)
+    if not leaves or not all(isinstance(b, bool) for b in leaves):
+        raise TypeError(
+            f"mask={mask!r}: must be None, a pytree of Python bools shaped like params (as in "
+            "optax.masked) or a callable params -> such a pytree"
+        )
+    return mask
+
+
+def _perturbed(params: PyTree, mask: Any) -> tuple[bool, ...]:
+    perturbed = _tree.perturbed_leaves(params, mask)
+    if not any(perturbed):
+        raise ValueError(
+            "params: no leaf is perturbed (no floating-point array leaves, or mask= excludes "
+            "all of them)"
+        )
+    return perturbed
+
+
+# ---------------------------------------------------------------- shared step plumbing
+
+
+def _metric_dtype(params: PyTree) -> jnp.dtype:
+    """Metrics are kept in the params' widest float dtype, at least float32 (stable across
+    steps, so the state's dtypes never change)."""
+    return jnp.promote_types(_tree.float_dtype(params), jnp.float32)
+
+
+def _all_finite(values: list) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(v)) for v in values]))
+
+
+def _emit(
+    updates: PyTree,
+    perturbed: tuple[bool, ...],
+    new_active: list,
+    ok: jax.Array,
+    skip_nonfinite: bool,
 ) -> PyTree:
-    """``combine(u, g)`` on the leaves of ``updates`` whose parameter is floating point, with
-    ``values`` aligned to those leaves; the other leaves (step counters, masks) pass through."""
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    it = iter(values)
-    out = [combine(u, next(it)) if f else u for u, f in zip(leaves, _tree.perturbed_leaves(params))]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    """``updates`` with ``new_active`` on the perturbed leaves (in the updates' dtypes); with
+    ``skip_nonfinite`` and ``ok`` false, ``updates`` unchanged. Selected, never blended, so a
+    NaN in the discarded branch cannot leak."""
+    old, merge = _tree.split(updates, perturbed)
+    new = [n.astype(u.dtype) for u, n in zip(old, new_active)]
+    if skip_nonfinite:
+        new = [jnp.where(ok, n, u) for u, n in zip(old, new)]
+    return merge(new)
+
+
+def _count(count: jax.Array, ok: jax.Array) -> jax.Array:
+    return jnp.where(ok, count, optax.safe_int32_increment(count))
+
+
+def _restrict(measure: _measure.Measure, mask: Any) -> _measure.Measure:
+    """The measure with its sampler perturbing only leaves that both its own mask and the
+    transform's ``mask`` select."""
+    if mask is None:
+        return measure
+    inner = measure.mu.mask
+
+    def both(params: PyTree) -> PyTree:
+        a = _tree.perturbed_leaves(params, mask)
+        b = _tree.perturbed_leaves(params, inner)
+        treedef = jax.tree_util.tree_structure(params)
+        return jax.tree_util.tree_unflatten(treedef, [x and y for x, y in zip(a, b)])
+
+    return dataclasses.replace(measure, mu=dataclasses.replace(measure.mu, mask=both))
+
+
+# ---------------------------------------------------------------- transforms
 
 
 def sharpness_aware(
@@ -86,6 +262,9 @@ def sharpness_aware(
     chunk_size: int | None = None,
     axis_name: str | None = None,
     sync: bool = True,
+    mask: Any = None,
+    skip_nonfinite: bool = True,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Add the gradient of the (φ, ψ, μ) sharpness term (eq. 10) to the incoming updates.
 
@@ -99,64 +278,131 @@ def sharpness_aware(
     Args:
       measure: a :class:`phipsimu.Measure`.
       rho, num_samples, strength, antithetic, adaptive, eta, chunk_size: as in
-        :func:`phipsimu.sharpness_aware_loss`.
-      seed: seed of the perturbation key.
+        :func:`phipsimu.sharpness_aware_loss`. Under ``optax.inject_hyperparams``,
+        ``num_samples`` is fixed by ``init`` (it sets the state's shapes).
+      seed: seed of the perturbation key, ``0 <= seed < 2**63``.
       axis_name, sync: data-parallel behaviour (module docs).
+      mask: which leaves are perturbed and get the sharpness term's gradient (a pytree of
+        bools shaped like params, or a callable ``params -> mask``, as in ``optax.masked``),
+        on top of ``measure.mu``'s own mask; the other leaves' updates pass through.
+      skip_nonfinite: return the incoming updates for a step whose sharpness term or its
+        gradient is not finite (counted in ``nonfinite_count``).
+      has_aux: ``value_fn`` returns ``(loss, aux)``; aux is ignored.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *,
-      value_fn, **extra_args)``.
+      An ``optax.GradientTransformationExtraArgs`` with state
+      :class:`SharpnessAwareState`; ``update(updates, state, params, *, value_fn,
+      **extra_args)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, phipsimu
+      >>> tx = optax.chain(phipsimu.sharpness_aware(
+      ...     phipsimu.measures.trace(), rho=0.05, num_samples=4), optax.sgd(0.1))
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> params = jnp.ones(3)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> int(optax.tree.get(state, "nonfinite_count"))
+      0
     """
-    term = _objective.sharpness_term(
-        measure,
-        rho=rho,
-        num_samples=num_samples,
-        strength=strength,
-        antithetic=antithetic,
-        adaptive=adaptive,
-        eta=eta,
-        chunk_size=chunk_size,
-    )
+    for name, value in (
+        ("antithetic", antithetic),
+        ("adaptive", adaptive),
+        ("sync", sync),
+        ("skip_nonfinite", skip_nonfinite),
+        ("has_aux", has_aux),
+    ):
+        _checks.flag(name, value)
+    mask = _check_mask(mask)
+    measure = _restrict(_measure.check_measure(measure), mask)
     _checks.seed("seed", seed)
     _parallel.check_axis_name("axis_name", axis_name)
 
+    def build(n: int) -> Callable:
+        return _objective.sharpness_term(
+            measure,
+            rho=rho,
+            num_samples=n,
+            strength=strength,
+            antithetic=antithetic,
+            adaptive=adaptive,
+            eta=eta,
+            chunk_size=chunk_size,
+        )
+
+    # optax.inject_hyperparams turns an int num_samples into a hyperparameter that is traced
+    # inside jit; its value is then read from the state, whose perturbed_losses has one entry
+    # per sample (fixed by init, where the value is concrete).
+    static_n = (
+        None
+        if _checks.is_traced(num_samples)
+        else _checks.integer("num_samples", num_samples, lo=1)
+    )
+    term = None if static_n is None else build(static_n)
+
     def init_fn(params: PyTree) -> SharpnessAwareState:
-        del params
-        return SharpnessAwareState(rng_key=jax.random.PRNGKey(seed))
+        if static_n is None:
+            raise TypeError(
+                "num_samples: traced when init was called; call init outside jit, or pass "
+                "static_args=('num_samples',) to optax.inject_hyperparams"
+            )
+        dtype = _metric_dtype(params)
+        zero = jnp.zeros((), dtype)
+        return SharpnessAwareState(
+            rng_key=jax.random.key_data(jax.random.key(seed)),
+            loss=zero,
+            perturbed_losses=jnp.zeros((static_n,), dtype),
+            sharpness_term=zero,
+            nonfinite_count=jnp.zeros((), jnp.int32),
+        )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
-        value_fn = _value_fn_or_raise(value_fn, params)
+        _check_params(params)
+        perturbed = _perturbed(params, mask)
+        _check_updates(updates, params, perturbed)
+        loss_fn = _loss_fn(value_fn, params, has_aux)
+        step_term = term if term is not None else build(state.perturbed_losses.shape[0])
         rng_key, key = jax.random.split(state.rng_key)
-        floats = _tree.perturbed_leaves(params)
-        incoming = _tree.active(updates, floats)
-        if axis_name is None:
-
-            def objective(p):
-                return term(value_fn, p, value_fn(p), key)
-
-        else:
+        incoming = _tree.active(updates, perturbed)
+        loss = loss_fn
+        if axis_name is not None:
             _parallel.axis_size(axis_name)
-            incoming = _parallel.mean_gradient(
-                incoming, jax.eval_shape(value_fn, params), axis_name
-            )
+            incoming = _parallel.mean_gradient(incoming, jax.eval_shape(loss_fn, params), axis_name)
             if sync:
                 # The global loss at every point, before φ and ψ see it.
-                loss = _parallel.global_value_fn(value_fn, axis_name)
+                loss = _parallel.global_value_fn(loss_fn, axis_name)
             else:
                 key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-                loss = value_fn
 
-            def objective(p):
-                # pmean of a per-device term (sync=False) or of the same global term
-                # (sync=True): its gradient, pmean-ed below, is the global one in every mode.
-                return _parallel.pmean(term(loss, p, loss(p), key), axis_name)
+        x, merge = _tree.split(params, perturbed)
 
-        grad = _parallel.pmean(_curvature.float_grad(objective, params), axis_name)
-        new = _on_float_leaves(
-            updates, params, [u + g for u, g in zip(incoming, grad)], lambda u, n: n.astype(u.dtype)
+        def objective(active: list) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            p = merge(active)
+            base = loss(p)
+            value, losses = step_term(loss, p, base, key)
+            # pmean of a per-device term (sync=False) or of the same global term (sync=True):
+            # its gradient, pmean-ed below, is the global one in every mode.
+            return _parallel.pmean(value, axis_name), (base, losses)
+
+        (value, (base, losses)), grad = jax.value_and_grad(objective, has_aux=True)(x)
+        grad, base, losses = _parallel.pmean((grad, base, losses), axis_name)
+        ok = _all_finite([value, *grad])
+        new = _emit(
+            updates,
+            perturbed,
+            [(u + g).astype(u.dtype) for u, g in zip(incoming, grad)],
+            ok,
+            skip_nonfinite,
         )
-        return new, SharpnessAwareState(rng_key=rng_key)
+        dtype = state.loss.dtype
+        return new, SharpnessAwareState(
+            rng_key=rng_key,
+            loss=base.astype(dtype),
+            perturbed_losses=losses.astype(dtype),
+            sharpness_term=value.astype(dtype),
+            nonfinite_count=_count(state.nonfinite_count, ok),
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -168,6 +414,9 @@ def sam(
     adaptive: bool = False,
     axis_name: str | None = None,
     sync: bool = True,
+    mask: Any = None,
+    skip_nonfinite: bool = True,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM and ASAM: replace the updates by the gradient at the adversarial point.
 
@@ -183,45 +432,80 @@ def sam(
       eta: ASAM's floor (>= 0).
       adaptive: ASAM instead of SAM.
       axis_name, sync: data-parallel behaviour (module docs).
+      mask: which leaves are perturbed and get the gradient at ``x + ε`` (a pytree of bools
+        shaped like params, or a callable ``params -> mask``); ‖g‖ is taken over them only,
+        and the other leaves' updates pass through.
+      skip_nonfinite: return the incoming updates for a step whose perturbed loss or
+        gradient is not finite (counted in ``nonfinite_count``).
+      has_aux: ``value_fn`` returns ``(loss, aux)``; aux is ignored.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`SamState`.
     """
     _checks.real("rho", rho, lo=0.0, strict=False)
     _checks.real("eta", eta, lo=0.0, strict=False)
+    for name, value in (
+        ("adaptive", adaptive),
+        ("sync", sync),
+        ("skip_nonfinite", skip_nonfinite),
+        ("has_aux", has_aux),
+    ):
+        _checks.flag(name, value)
+    mask = _check_mask(mask)
     _parallel.check_axis_name("axis_name", axis_name)
+
+    def init_fn(params: PyTree) -> SamState:
+        zero = jnp.zeros((), _metric_dtype(params))
+        return SamState(zero, zero, jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
-        value_fn = _value_fn_or_raise(value_fn, params)
-        floats = _tree.perturbed_leaves(params)
-        x, merge = _tree.split(params, floats)
-        g = _tree.active(updates, floats)
+        _check_params(params)
+        perturbed = _perturbed(params, mask)
+        _check_updates(updates, params, perturbed)
+        loss_fn = _loss_fn(value_fn, params, has_aux)
+        x, merge = _tree.split(params, perturbed)
+        g = _tree.active(updates, perturbed)
         if axis_name is not None:
             _parallel.axis_size(axis_name)
             if sync:
-                g = _parallel.mean_gradient(g, jax.eval_shape(value_fn, params), axis_name)
+                g = _parallel.mean_gradient(g, jax.eval_shape(loss_fn, params), axis_name)
         if adaptive:
             t = [jnp.abs(xi) + eta for xi in x]
             tg = _tree.mul(t, g)
             direction = _tree.mul(t, tg)
             norm = jnp.sqrt(_tree.sq_norm(tg))
+            eps_norm = jnp.sqrt(_tree.sq_norm(direction))
         else:
             direction = g
             norm = jnp.sqrt(_tree.sq_norm(g))
+            eps_norm = norm
         # ‖g‖ = 0 only when g = 0: dividing 0 by 1 gives ε = 0; NaN stays NaN (NaN > 0 is
         # false, so the numerator's NaN propagates).
         safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
         adv = _tree.add_scale(x, rho / safe, direction)
         if axis_name is None:
-            grad = jax.grad(lambda a: value_fn(merge(a)))(adv)
+            perturbed_loss, grad = jax.value_and_grad(lambda a: loss_fn(merge(a)))(adv)
         elif sync:
-            loss = _parallel.global_value_fn(value_fn, axis_name)
-            grad = jax.lax.pmean(jax.grad(lambda a: loss(merge(a)))(adv), axis_name)
+            loss = _parallel.global_value_fn(loss_fn, axis_name)
+            perturbed_loss, grad = jax.value_and_grad(lambda a: loss(merge(a)))(adv)
         else:
-            grad = _parallel.local_gradient(lambda a: value_fn(merge(a)), adv, axis_name)
-            grad = jax.lax.pmean(grad, axis_name)
-        new = _on_float_leaves(updates, params, grad, lambda u, n: n.astype(u.dtype))
-        return new, state
+            perturbed_loss, grad = _parallel.local_value_and_grad(
+                lambda a: loss_fn(merge(a)), adv, axis_name
+            )
+        grad, perturbed_loss, eps_norm = _parallel.pmean(
+            (grad, perturbed_loss, rho / safe * eps_norm), axis_name
+        )
+        ok = _all_finite([perturbed_loss, *grad])
+        new = _emit(updates, perturbed, grad, ok, skip_nonfinite)
+        dtype = state.perturbed_loss.dtype
+        return new, SamState(
+            perturbed_loss=perturbed_loss.astype(dtype),
+            epsilon_norm=eps_norm.astype(dtype),
+            nonfinite_count=_count(state.nonfinite_count, ok),
+        )
 
-    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def frobenius_sam(
@@ -233,13 +517,17 @@ def frobenius_sam(
     antithetic: bool = False,
     axis_name: str | None = None,
     sync: bool = True,
+    mask: Any = None,
+    skip_nonfinite: bool = True,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Frob-SAM: add the gradient of ``strength/(2ρ²)·Var_v L(x + ρv)``, v ~ N(0, I).
 
     The Frobenius preset in eq. (10) gives ``ρ²·s·½·Var[2(L(x+ρv) − L(x))/ρ²]
     = (2s/ρ²)·Var_v L(x+ρv)``, so Frob-SAM's λ = ``strength`` maps to ``s = strength/4``.
     The variance is the unbiased sample variance (needs ``num_samples >= 2``). Its leading
-    term at a minimum is ``strength/4 · ρ² · ‖H‖_F²``.
+    term at a minimum is ``strength/4 · ρ² · ‖H‖_F²``. Other arguments as in
+    :func:`sharpness_aware`.
     """
     _checks.real("strength", strength, lo=0.0, strict=False)
     return sharpness_aware(
@@ -251,6 +539,9 @@ def frobenius_sam(
         seed=seed,
         axis_name=axis_name,
         sync=sync,
+        mask=mask,
+        skip_nonfinite=skip_nonfinite,
+        has_aux=has_aux,
     )
 
 
@@ -262,13 +553,16 @@ def random_sam(
     antithetic: bool = False,
     axis_name: str | None = None,
     sync: bool = True,
+    mask: Any = None,
+    skip_nonfinite: bool = True,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Random-perturbation (average-direction) SAM: the gradient of
     ``L_AVG(x) = E_{v ~ Uniform(S^{d−1})} L(x + ρv)`` (the paper's eq. 3).
 
     Implemented as the trace preset with strength ½: ``L + ρ²·½·mean 2(L(x+ρv) − L(x))/ρ²
     = mean L(x+ρv)``, so with ``updates = ∇L`` the output is ``mean_i ∇L(x + ρv_i)``. Its
-    explicit bias is Tr(H)/d (Wen et al.).
+    explicit bias is Tr(H)/d (Wen et al.). Other arguments as in :func:`sharpness_aware`.
     """
     return sharpness_aware(
         _measure.trace(),
@@ -279,4 +573,7 @@ def random_sam(
         seed=seed,
         axis_name=axis_name,
         sync=sync,
+        mask=mask,
+        skip_nonfinite=skip_nonfinite,
+        has_aux=has_aux,
     )

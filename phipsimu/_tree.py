@@ -187,8 +187,14 @@ def sq_norm(a: PyTree) -> jax.Array:
 
 
 def add_scale(x: PyTree, alpha: jax.typing.ArrayLike, y: PyTree) -> PyTree:
-    """``x + alpha * y`` leaf by leaf (``optax.tree.add_scale``), keeping ``x``'s dtypes."""
-    return optax.tree.cast_like(optax.tree.add_scale(x, alpha, y), x)
+    """``x + alpha * y`` leaf by leaf (``optax.tree.add_scale``), keeping ``x``'s dtypes.
+    Leaves of ``x`` that are not floating point (ints, bools, PRNG keys) are returned as
+    they are: they are never perturbed."""
+    if all(is_float_leaf(a) for a in jax.tree_util.tree_leaves(x)):
+        return optax.tree.cast_like(optax.tree.add_scale(x, alpha, y), x)
+    return jax.tree_util.tree_map(
+        lambda a, b: (a + alpha * b).astype(a.dtype) if is_float_leaf(a) else a, x, y
+    )
 
 
 def scale(alpha: jax.typing.ArrayLike, x: PyTree) -> PyTree:
@@ -213,8 +219,8 @@ def random_like(
 ) -> PyTree:
     """Draw ``num`` pytrees shaped like ``params`` (leading sample axis) with ``draw``.
 
-    Non-perturbed leaves are zeros of their own dtype, so ``params + rho * v`` leaves them
-    unchanged.
+    Non-perturbed leaves are zeros of their own dtype (float32 for leaves that are not
+    numbers, such as PRNG keys), so ``params + rho * v`` leaves them unchanged.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, max(len(leaves), 1))
@@ -224,8 +230,16 @@ def random_like(
         if p:
             out.append(draw(k, shape, x.dtype))
         else:
-            out.append(jnp.zeros(shape, jnp.result_type(x)))
+            out.append(jnp.zeros(shape, _zeros_dtype(x)))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _zeros_dtype(x: Any) -> Any:
+    """The dtype of a zero perturbation of a fixed leaf: its own for numbers and bools,
+    float32 for the rest (PRNG keys, float0), which cannot hold arithmetic zeros."""
+    dtype = jnp.result_type(x)
+    numeric = jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+    return dtype if numeric else jnp.float32
 
 
 def batched_sq_norm(v: PyTree, perturbed: Perturbed) -> jax.Array:

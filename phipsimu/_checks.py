@@ -114,6 +114,27 @@ def check_key(key: Any, name: str = "key") -> None:
     )
 
 
+def check_params(params: Any, name: str = "params") -> None:
+    """Raise a clear error for params leaves that cannot be perturbed and are not plainly
+    fixed: Python floats (which would silently never be perturbed) and non-array leaves such
+    as the functions inside an equinox module. Arrays of any dtype, Python ints and bools
+    pass (non-floating leaves are held fixed)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        where = jax.tree_util.keystr(path) or "(root)"
+        if isinstance(leaf, float):
+            raise TypeError(
+                f"{name}: leaf {where} is the Python float {leaf!r}; it would never be "
+                "perturbed; make it an array (jnp.asarray) to include it, or move it out of "
+                "the params"
+            )
+        if getattr(leaf, "dtype", None) is None and not isinstance(leaf, (bool, int)):
+            raise TypeError(
+                f"{name}: leaf {where} is {leaf!r}, not an array; pass only the arrays, e.g. "
+                "for an equinox module `p, static = eqx.partition(model, eqx.is_inexact_array)`"
+                " and rebuild it in the loss with `eqx.combine(p, static)`"
+            )
+
+
 def check_scalar_loss(loss_fn: Any, params: Any, args: tuple, name: str = "loss_fn") -> None:
     """Raise a clear error unless ``loss_fn(params, *args)`` is a real floating-point scalar
     (checked on shapes only, with ``jax.eval_shape``)."""

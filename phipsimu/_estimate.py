@@ -114,6 +114,7 @@ def sharpness(
 
     def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> Estimate:
         _checks.check_key(key)
+        _checks.check_params(params)
         draw = measure.mu.draw(key, params, num_samples)
         v = draw.v
         if adaptive:

@@ -111,23 +111,9 @@ def _check_params(params: PyTree, name: str = "params") -> None:
     leaves such as the functions of an equinox module."""
     if params is None:
         raise ValueError(f"{name}: required by this transformation (pass the current params)")
-    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_masked_node)
-    for path, leaf in leaves:
-        where = jax.tree_util.keystr(path) or "(root)"
-        if _is_masked_node(leaf):
-            raise ValueError(_MASKED_NODE_MESSAGE.replace("params", name, 1))
-        if isinstance(leaf, float):
-            raise TypeError(
-                f"{name}: leaf {where} is the Python float {leaf!r}; it would never be "
-                "perturbed; make it an array (jnp.asarray) to train it, or move it out of "
-                "the params"
-            )
-        if getattr(leaf, "dtype", None) is None and not isinstance(leaf, (bool, int)):
-            raise TypeError(
-                f"{name}: leaf {where} is {leaf!r}, not an array; pass only the arrays, e.g. "
-                "for an equinox module `p, static = eqx.partition(model, eqx.is_inexact_array)`"
-                " and rebuild it in value_fn with `eqx.combine(p, static)`"
-            )
+    if any(map(_is_masked_node, jax.tree_util.tree_leaves(params, is_leaf=_is_masked_node))):
+        raise ValueError(_MASKED_NODE_MESSAGE.replace("params", name, 1))
+    _checks.check_params(params, name)
 
 
 def _check_updates(updates: PyTree, params: PyTree, perturbed: tuple[bool, ...]) -> None:

@@ -228,6 +228,14 @@ def test_function_and_python_float_leaves_rejected(leaf, match):
         tx = make(name)
         with pytest.raises(TypeError, match=match):
             tx.update(params, tx.init(PARAMS), params, value_fn=quad)
+    key = jax.random.key(0)
+    with pytest.raises(TypeError, match=match):
+        phipsimu.sharpness(quad, phipsimu.measures.trace(), num_samples=2)(params, key=key)
+    objective = phipsimu.sharpness_aware_loss(
+        quad, phipsimu.measures.trace(), rho=0.05, num_samples=2
+    )
+    with pytest.raises(TypeError, match=match):
+        objective(params, key=key)
 
 
 # ---------------------------------------------------------------- 6. misaligned updates

@@ -44,7 +44,8 @@ def test_training_rows(study):
         assert r["seeds"] == len(r["test_acc_per_seed"]) >= 2
     # matched budgets: every method spends the same number of gradient evaluations
     assert len({r["grad_evals"] for r in rows}) == 1
-    assert (out / "training.png").exists() and (out / "correlation.png").exists()
+    for name in ("training.png", "correlation.png", "tables.md"):
+        assert (out / name).exists(), name
 
 
 def test_correlation_rows(study):

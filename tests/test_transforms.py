@@ -89,9 +89,7 @@ class TestContract:
             factory = optax.inject_hyperparams(phipsimu.sam)
             inner = factory(rho=0.05, adaptive=name == "asam")
         else:
-            factory = optax.inject_hyperparams(
-                phipsimu.sharpness_aware, static_args=("num_samples",)
-            )
+            factory = optax.inject_hyperparams(phipsimu.sharpness_aware)
             inner = factory(phipsimu.measures.trace(), rho=0.05, num_samples=4)
         tx = optax.chain(inner, optax.sgd(0.1))
         params = make_params()

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _tree
+from phipsimu import _checks, _parallel, _tree
 
 PyTree = Any
 
@@ -384,6 +384,74 @@ def linear_operator(
     if quadratic_form is not None:
         _checks.function("quadratic_form", quadratic_form, "quadratic_form(params, v, *args)")
     return LinearOperator(matvec, quadratic_form)
+
+
+# ---------------------------------------------------------------- data parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel(Operator):
+    """The operator of the global batch from per-device shards; see :func:`data_parallel`."""
+
+    operator: Operator
+    axis_name: str
+
+    def check(self, params: PyTree, args: tuple) -> None:
+        _parallel.axis_size(self.axis_name)
+        self.operator.check(params, args)
+
+    def restrict(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> Restricted:
+        # Params typed as varying: each device differentiates its own shard's loss (under
+        # shard_map's checks JAX would otherwise sum the gradient over devices).
+        axis = self.axis_name
+        local = self.operator.restrict(_parallel.to_varying(params, axis), perturbed, args)
+
+        def matvec(v: list) -> list:
+            return jax.lax.pmean(local.matvec(_parallel.to_varying(v, axis)), axis)
+
+        def quad(v: list) -> jax.Array:
+            return jax.lax.pmean(local.quad(_parallel.to_varying(v, axis)), axis)
+
+        return Restricted(matvec, quad)
+
+    def dense_matrix(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> jax.Array:
+        local = self.operator.dense_matrix(
+            _parallel.to_varying(params, self.axis_name), perturbed, args
+        )
+        return jax.lax.pmean(local, self.axis_name)
+
+
+def data_parallel(operator: Any, axis_name: str) -> DataParallel:
+    """The curvature operator of the global batch when each device holds one shard of it.
+
+    Inside ``jax.pmap`` / ``jax.shard_map`` / ``jax.vmap`` over ``axis_name``, every product
+    and quadratic form of ``operator`` on the device's shard is averaged over the axis
+    (``pmean``), so an estimator given this operator returns, on every device, its
+    single-device answer on the global batch (equal shards; docs/conventions.md, section
+    "Scaling out"). The probes are the same on every device (same key). Under plain
+    ``jax.jit`` with sharded data no wrapper is needed.
+
+    Args:
+      operator: a loss function ``loss_fn(params, *args)`` (its Hessian) or an operator.
+      axis_name: the data axis (a str); it must be bound where the estimator runs.
+
+    Returns:
+      a :class:`DataParallel` operator (frozen, hashable).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p, x: jnp.mean((x @ p) ** 2)
+      >>> op = phipsimu.curvature.data_parallel(loss, "data")
+      >>> est = phipsimu.hessian_trace(op, num_matvecs=4)
+      >>> x = jnp.ones((2, 3, 3))  # two devices, three rows each
+      >>> out = jax.vmap(lambda xs: est(jnp.ones(3), xs, key=jax.random.key(0)).value,
+      ...                axis_name="data")(x)
+      >>> out.shape
+      (2,)
+    """
+    if not isinstance(axis_name, str):
+        raise TypeError(f"axis_name={axis_name!r}: must be a str (the name of the data axis)")
+    return DataParallel(as_operator(operator), axis_name)
 
 
 # ---------------------------------------------------------------- blocks of probes

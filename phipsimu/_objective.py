@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from phipsimu import _checks, _curvature, _measure, _tree
+from phipsimu import _checks, _curvature, _measure, _parallel, _tree
 
 PyTree = Any
 
@@ -105,6 +105,7 @@ def sharpness_aware_loss(
     eta: float = 0.0,
     chunk_size: int | None = None,
     has_aux: bool = False,
+    axis_name: str | None = None,
 ) -> Callable[..., Any]:
     """The (φ, ψ, μ)-sharpness-aware loss (eq. 10, with docs/conventions.md's factor 2).
 
@@ -139,6 +140,13 @@ def sharpness_aware_loss(
       chunk_size: perturbed losses evaluated at once (chunked ``vmap``); ``None`` = 4.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux comes from the clean pass at x (as
         SAM implementations do for BatchNorm statistics).
+      axis_name: data parallel inside ``jax.pmap``/``jax.shard_map`` over this axis, each
+        device called with its shard of the batch: every loss (at x and at each perturbed
+        point) is averaged over the axis before φ and ψ see it, so the value is the
+        global-batch objective on every device (docs/conventions.md, section "Scaling
+        out"). Average its gradient over the axis (``jax.lax.pmean``) as for any loss under
+        ``pmap``; under ``shard_map`` with ``check_vma=True`` that ``pmean`` is the
+        identity. The key must be the same on every device. ``aux`` stays per device.
 
     Returns:
       ``objective(params, *args, key)`` returning the scalar (or ``(scalar, aux)``); pure,
@@ -164,6 +172,7 @@ def sharpness_aware_loss(
     Reference: Tahmasebi et al., eq. (10) and Theorem 2; docs/conventions.md, "Eq. (10)".
     """
     _checks.function("loss_fn", loss_fn, "loss_fn(params, *args)")
+    _parallel.check_axis_name("axis_name", axis_name)
     term = sharpness_term(
         measure,
         rho=rho,
@@ -194,6 +203,10 @@ def sharpness_aware_loss(
             def value_fn(p):
                 return loss_fn(p, *args)
 
+        if axis_name is not None:
+            _parallel.axis_size(axis_name)
+            base = jax.lax.pmean(base, axis_name)
+            value_fn = _parallel.global_value_fn(value_fn, axis_name)
         total = base + term(value_fn, params, base, key)[0]
         return (total, aux) if has_aux else total
 

@@ -112,17 +112,24 @@ def global_value_fn(value_fn: Any, axis_name: str | None) -> Any:
     return lambda p: jax.lax.pmean(value_fn(p), axis_name)
 
 
+def to_varying(tree: PyTree, axis_name: str) -> PyTree:
+    """Under tracked varying values, every leaf typed as varying along ``axis_name`` (values
+    unchanged), so that a gradient taken with respect to it is each device's own rather than
+    JAX's sum over devices; otherwise ``tree`` as it is."""
+    if not tracks_varying(axis_name):
+        return tree
+    return jax.tree_util.tree_map(
+        lambda v: v if is_varying(v, axis_name) else jax.lax.pcast(v, axis_name, to="varying"),
+        tree,
+    )
+
+
 def local_gradient(fn: Any, x: list, axis_name: str) -> list:
     """Each device's own ``∇fn(x)`` of a per-device ``fn`` (m-sharpness), as a list aligned
-    with ``x``: under tracked varying values ``x`` is first typed as varying, so JAX does not
-    sum the gradient over devices."""
+    with ``x`` (see :func:`to_varying`)."""
     return local_value_and_grad(fn, x, axis_name)[1]
 
 
 def local_value_and_grad(fn: Any, x: list, axis_name: str) -> tuple[Any, list]:
     """:func:`local_gradient` with the device's own value ``fn(x)``."""
-    if tracks_varying(axis_name):
-        x = [
-            v if is_varying(v, axis_name) else jax.lax.pcast(v, axis_name, to="varying") for v in x
-        ]
-    return jax.value_and_grad(fn)(x)
+    return jax.value_and_grad(fn)(to_varying(x, axis_name))

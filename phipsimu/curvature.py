@@ -3,7 +3,9 @@
 * ``hessian(loss_fn)``: ``∇²L`` (what a plain loss function means);
 * ``gauss_newton(apply_fn, output_loss)``: the generalised Gauss–Newton ``Jᵀ∇²ℓJ`` (the Fisher
   for softmax cross-entropy), positive semi-definite;
-* ``linear_operator(matvec)``: your own symmetric matrix-vector product.
+* ``linear_operator(matvec)``: your own symmetric matrix-vector product;
+* ``data_parallel(operator, axis_name)``: the global-batch operator from per-device shards
+  (inside ``pmap``/``shard_map``).
 
 Each is a frozen, hashable :class:`Operator` with ``matvec(params, v, *args)``,
 ``quadratic_forms(params, v, *args)`` and ``dense(params, *args)``, all taking ``batches=`` and
@@ -11,20 +13,24 @@ Each is a frozen, hashable :class:`Operator` with ``matvec(params, v, *args)``,
 """
 
 from phipsimu._curvature import (
+    DataParallel,
     GaussNewton,
     Hessian,
     LinearOperator,
     Operator,
+    data_parallel,
     gauss_newton,
     hessian,
     linear_operator,
 )
 
 __all__ = [
+    "DataParallel",
     "GaussNewton",
     "Hessian",
     "LinearOperator",
     "Operator",
+    "data_parallel",
     "gauss_newton",
     "hessian",
     "linear_operator",

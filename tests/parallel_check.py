@@ -9,6 +9,8 @@ Every check compares against the single-device answer on the global batch.
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import sys
 
 if __name__ == "__main__" and "--worker" not in sys.argv:
@@ -17,6 +19,7 @@ if __name__ == "__main__" and "--worker" not in sys.argv:
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -105,7 +108,7 @@ def assert_close(name, got, want, tol=TOL):
     if not np.isfinite(scale):
         raise AssertionError(f"{name}: the reference is not finite; pick a finite check")
     ok = err <= tol * max(1.0, scale)
-    print(f"{'ok ' if ok else 'BAD'} {name}: max |diff| {err:.2e} (scale {scale:.2f})")
+    print(f"{'ok' if ok else 'BAD'} {name}: max |diff| {err:.2e} (scale {scale:.2f})")
     if not ok:
         raise AssertionError(f"{name}: max |diff| {err:.3g} > {tol} x {max(1.0, scale):.3g}")
 
@@ -160,7 +163,182 @@ def check_transforms(mesh):
     compare("sharded jit", got)
 
 
+def estimators(loss_fn, axis_name):
+    """The objective's gradient and the estimators, as a function of (params, x, y, key)."""
+    ms = phipsimu.measures
+    op = loss_fn if axis_name is None else phipsimu.curvature.data_parallel(loss_fn, axis_name)
+    objectives = {
+        name: phipsimu.sharpness_aware_loss(
+            loss_fn, m, rho=0.05, num_samples=4, axis_name=axis_name
+        )
+        for name, m in [("frobenius", ms.frobenius())]
+    }
+    est = {
+        "sharpness frobenius": phipsimu.sharpness(op, ms.frobenius(), num_samples=4),
+        "hessian_trace hutch++": phipsimu.hessian_trace(op, num_matvecs=6, method="hutch++"),
+        "top_eigenvalues": phipsimu.top_eigenvalues(op, 2, num_iterations=6),
+    }
+
+    def run(params, x, y, key):
+        out = {}
+        for name, obj in objectives.items():
+            value, grad = jax.value_and_grad(obj)(params, x, y, key=key)
+            # the user's pmean, as for any loss under pmap (the identity on unvarying values)
+            out[f"sharpness_aware_loss {name}"] = (
+                value,
+                grad if axis_name is None else jax.lax.pmean(grad, axis_name),
+            )
+        for name, e in est.items():
+            r = e(params, x, y, key=key)
+            if name == "top_eigenvalues":
+                r = r.value
+            else:
+                r = (r.value, r.stderr)
+            out[name] = r
+        return out
+
+    return run
+
+
+def check_estimators(mesh):
+    n = mesh.size
+    params = init_mlp(jax.random.key(0))
+    x, y = data()
+    key = jax.random.key(3)
+    want = jax.jit(estimators(loss, None))(params, x, y, key)
+
+    def compare(mode, got):
+        for name in want:
+            assert_close(f"{name} {mode}", got[name], want[name])
+
+    shards = [a.reshape(n, -1, a.shape[-1]) for a in (x, y)]
+    out = jax.pmap(estimators(loss, AXIS), axis_name=AXIS, in_axes=(None, 0, 0, None))(
+        params, *shards, key
+    )
+    for k in (0, n - 1):
+        compare(f"pmap device {k}", replicas(out)[k])
+    sharded = [jax.device_put(a, NamedSharding(mesh, P(AXIS))) for a in (x, y)]
+    for check_vma in (True, False):
+        run = estimators(loss, AXIS)
+        fn = jax.shard_map(
+            lambda *a, run=run: jax.tree_util.tree_map(lambda t: t[None], run(*a)),
+            mesh=mesh,
+            in_specs=(P(), P(AXIS), P(AXIS), P()),
+            out_specs=P(AXIS),
+            check_vma=check_vma,
+        )
+        out = replicas(jax.jit(fn)(params, *sharded, key))
+        for k in (0, n - 1):
+            compare(f"shard_map check_vma={check_vma} device {k}", out[k])
+    compare("sharded jit", jax.jit(estimators(loss, None))(params, *sharded, key))
+
+
+def check_fsdp(mesh):
+    """Params split across devices leaf by leaf (FSDP style) under jit: the same updates as on
+    one device, and every update keeps its parameter's sharding (no leaf is gathered)."""
+    model = jax.sharding.Mesh(mesh.devices, ("model",), (jax.sharding.AxisType.Auto,))
+    params = init_mlp(jax.random.key(0), sizes=(3, 8, 2))
+    specs = [{"w": P(None, "model"), "b": P("model")}, {"w": P("model", None), "b": P()}]
+    sharded = jax.device_put(
+        params, jax.tree_util.tree_map(lambda s: NamedSharding(model, s), specs)
+    )
+    x, y = data()
+    txs = {name: tx for name, tx in transforms(None).items() if name in FSDP_TRANSFORMS}
+    states = {name: tx.init(params) for name, tx in txs.items()}
+    run = jax.jit(lambda *a: step_all(txs, *a))
+    want = run(params, states, x, y, y)
+    got = run(sharded, states, x, y, y)
+    for name in txs:
+        assert_close(f"{name} fsdp", got[name], want[name])
+        for u, p in zip(jax.tree.leaves(got[name]), jax.tree.leaves(sharded)):
+            if not u.sharding.is_equivalent_to(p.sharding, u.ndim):
+                raise AssertionError(
+                    f"{name} fsdp: update sharded as {u.sharding}, param as {p.sharding}"
+                )
+        print(f"ok {name} fsdp shardings kept")
+
+
+FSDP_TRANSFORMS = ("sam", "asam", "frobenius", "random_sam")
+
+
+def readme_blocks():
+    """The python blocks of the README's "Scaling out" section: the step, sharded jit,
+    shard_map/pmap, several hosts."""
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 4, f"README 'Scaling out': expected 4 python blocks, got {len(blocks)}"
+    return blocks
+
+
+def numpy_setup(seed=0):
+    """Params and the global batch as numpy arrays (no JAX call: the multi-host worker must
+    initialise jax.distributed first)."""
+    rng = np.random.default_rng(seed)
+    params = [
+        {
+            "w": rng.normal(size=(3, 4)).astype(np.float32) / np.sqrt(3),
+            "b": np.zeros(4, np.float32),
+        },
+        {"w": rng.normal(size=(4, 2)).astype(np.float32) / 2, "b": np.zeros(2, np.float32)},
+    ]
+    x = rng.normal(size=(BATCH, 3)).astype(np.float32)
+    y = rng.normal(size=(BATCH, 2)).astype(np.float32)
+    return params, x, y
+
+
+def reference(ns, params, x, y):
+    """The single-device step on the global batch with the README's own step."""
+    tx = optax.chain(
+        phipsimu.sharpness_aware(ns["measure"], rho=0.05, num_samples=4), optax.sgd(0.1)
+    )
+    return jax.jit(ns["make_step"](tx))(params, tx.init(params), x, y)[0]
+
+
+def check_recipes(mesh):
+    step, jit_block, spmd_block, _ = readme_blocks()
+    params, x, y = numpy_setup()
+    ns = {"jax": jax, "jnp": jnp, "phipsimu": phipsimu, "loss": loss}
+    ns.update(params=params, x=x, y=y)
+    exec(step, ns)
+    want = reference(ns, params, x, y)
+    exec(jit_block, ns)
+    assert_close("README sharded jit", ns["params_jit"], want)
+    exec(spmd_block, ns)
+    assert_close("README shard_map", ns["params_shard_map"], want)
+    for k, r in enumerate(replicas(ns["params_pmap"])):
+        assert_close(f"README pmap device {k}", r, want)
+
+
+def worker(process_id, port, num_processes=2):
+    """One process of the multi-host run (one CPU device each, gloo collectives)."""
+    step, _, _, hosts_block = readme_blocks()
+    params, x, y = numpy_setup()
+    rows = BATCH // num_processes
+    ns = {"jax": jax, "jnp": jnp, "phipsimu": phipsimu, "loss": loss, "params": params}
+    ns.update(NamedSharding=NamedSharding, P=P)  # imported by the sharded-jit block
+    ns.update(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        x_local=x[process_id * rows : (process_id + 1) * rows],
+        y_local=y[process_id * rows : (process_id + 1) * rows],
+    )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    exec(step, ns)
+    exec(hosts_block, ns)
+    assert jax.process_count() == num_processes and jax.device_count() == num_processes
+    got = jax.tree_util.tree_map(np.asarray, ns["params_hosts"])  # replicated: addressable
+    want = reference(ns, params, x, y)  # this process alone, on the whole batch
+    assert_close(f"multihost process {process_id} of {num_processes}", got, want)
+
+
 def main():
+    if "--worker" in sys.argv:
+        _, _, process_id, port = sys.argv
+        worker(int(process_id), int(port))
+        print("all checks passed")
+        return
     mesh = jax.make_mesh((len(jax.devices()),), (AXIS,), (jax.sharding.AxisType.Auto,))
     checks = sys.argv[1:] or ["transforms"]
     for c in checks:

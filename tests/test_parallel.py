@@ -5,6 +5,7 @@ device; the bad-input checks run here."""
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -33,11 +34,78 @@ def run_check(*checks: str, devices: int = 8) -> str:
     return result.stdout
 
 
-def test_transforms_match_single_device_on_8_devices():
-    out = run_check("transforms")
-    for mode in ("pmap device 7", "shard_map check_vma=True", "check_vma=False", "sharded jit"):
-        for name in ("sam", "asam", "frobenius_sam", "random_sam", "determinant"):
-            assert f"ok {name} {mode}" in out
+MODES = (
+    "pmap device 7",
+    "shard_map check_vma=True device 7",
+    "shard_map check_vma=False device 7",
+    "sharded jit",
+)
+
+
+@pytest.fixture(scope="module")
+def eight_devices() -> str:
+    """One subprocess with 8 simulated devices runs every multi-device check."""
+    return run_check("transforms", "estimators", "recipes", "fsdp")
+
+
+def test_transforms_match_single_device_on_8_devices(eight_devices):
+    for mode in MODES:
+        for name in ("sam", "asam", "frobenius_sam", "random_sam", "determinant", "eigen_moment2"):
+            assert f"ok {name} {mode}" in eight_devices
+
+
+def test_objective_and_estimators_match_single_device_on_8_devices(eight_devices):
+    for mode in MODES:
+        for name in ("sharpness_aware_loss frobenius", "sharpness frobenius", "top_eigenvalues"):
+            assert f"ok {name} {mode}" in eight_devices
+
+
+def test_readme_recipes_match_single_device_on_8_devices(eight_devices):
+    for name in ("sharded jit", "shard_map", "pmap device 7"):
+        assert f"ok README {name}" in eight_devices
+
+
+def test_fsdp_params_stay_sharded_on_8_devices(eight_devices):
+    for name in ("sam", "asam", "frobenius", "random_sam"):
+        assert f"ok {name} fsdp:" in eight_devices
+        assert f"ok {name} fsdp shardings kept" in eight_devices
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process():
+    """Two processes (one CPU device each, gloo collectives) train with the README's several
+    hosts recipe; each compares the result with its own single-device run on the whole batch."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "parallel_check.py"), "--worker", str(i), port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            outs.append(out)
+            assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for i, out in enumerate(outs):
+        assert f"ok multihost process {i} of 2" in out
 
 
 def loss(p, x):
@@ -61,8 +129,22 @@ def test_unbound_axis_name_is_a_clear_error(tx):
         jax.jit(lambda: tx.update(g, state, p, value_fn=lambda q: loss(q, x)))()
 
 
+def test_data_parallel_operator_unbound_axis():
+    op = phipsimu.curvature.data_parallel(loss, "data")
+    est = phipsimu.hessian_trace(op, num_matvecs=2)
+    with pytest.raises(ValueError, match=r"axis_name='data': this axis is not bound"):
+        est(jnp.ones(3), jnp.ones((4, 3)), key=jax.random.key(0))
+    obj = phipsimu.sharpness_aware_loss(
+        loss, phipsimu.measures.trace(), rho=0.1, num_samples=2, axis_name="data"
+    )
+    with pytest.raises(ValueError, match=r"axis_name='data': this axis is not bound"):
+        obj(jnp.ones(3), jnp.ones((4, 3)), key=jax.random.key(0))
+
+
 def test_axis_name_must_be_a_str():
     with pytest.raises(TypeError, match=r"axis_name=3: must be a str"):
         phipsimu.sam(rho=0.1, axis_name=3)
     with pytest.raises(TypeError, match=r"axis_name=\('a',\): must be a str"):
         phipsimu.random_sam(rho=0.1, num_samples=2, axis_name=("a",))
+    with pytest.raises(TypeError, match=r"axis_name=None: must be a str"):
+        phipsimu.curvature.data_parallel(loss, None)

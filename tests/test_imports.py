@@ -76,6 +76,7 @@ def test_layers_point_one_way():
     assert deps["_checks"] == set()
     assert deps["_tree"] == set()
     assert deps["_diagnostics"] == set()
-    assert deps["_curvature"] <= {"_checks", "_tree"}
+    assert deps["_parallel"] == set()
+    assert deps["_curvature"] <= {"_checks", "_tree", "_parallel"}
     assert deps["_krylov"] <= {"_checks", "_tree", "_curvature"}
     assert deps["_measure"] <= {"_checks", "_tree", "_mu", "_diagnostics"}

@@ -721,3 +721,18 @@ def float_grad(fn: Callable[[PyTree], jax.Array], params: PyTree) -> list:
     pytrees with step counters or masks can be differentiated."""
     active, merge = _tree.split(params, _tree.perturbed_leaves(params))
     return jax.grad(lambda a: fn(merge(a)))(active)
+
+
+def metric_bound(bound: Bound, params: PyTree, eta: Any, perturbed: _tree.Perturbed) -> Bound:
+    """``bound`` in the adaptive metric: the operator ``T_x C T_x`` (``T_x = |x| + eta``)."""
+    t = _tree.active(adaptive_metric(params, eta, perturbed), perturbed)
+
+    def scaled(vs: list) -> list:
+        return [(v * ti).astype(v.dtype) for v, ti in zip(vs, t)]
+
+    return Bound(
+        lambda vs: scaled(bound.matvec(scaled(vs))),
+        lambda vs: bound.quad(scaled(vs)),
+        bound.host,
+        bound.active,
+    )

@@ -34,8 +34,8 @@ class Status(enum.IntFlag):
     OK = 0
     #: a quadratic form (so the loss or an HVP) was NaN or infinite: the value is NaN.
     NONFINITE_LOSS = 1
-    #: the measure needs a positive definite H and H is provably not (a negative Ritz value,
-    #: or a probe with vᵀHv <= 0): the integral diverges, the value is NaN.
+    #: H is provably not positive definite (a negative Ritz value, or a probe with
+    #: vᵀHv <= 0). For the determinant the integral diverges and the value is NaN.
     NOT_POSITIVE_DEFINITE = 2
     #: H is singular to working precision (smallest Ritz value within the tolerance of 0).
     SINGULAR = 4
@@ -55,7 +55,8 @@ class Status(enum.IntFlag):
 _WORDS = {
     Status.NONFINITE_LOSS: "non-finite loss or curvature: a quadratic form was NaN or inf",
     Status.NOT_POSITIVE_DEFINITE: (
-        "not positive definite: the measure's integral needs a positive definite curvature"
+        "not positive definite: the curvature has a negative eigenvalue (a negative Ritz value "
+        "or a probe with vᵀHv <= 0)"
     ),
     Status.SINGULAR: "singular curvature: the smallest eigenvalue is 0 to working precision",
     Status.DIVERGENT: "divergent: the integral is infinite",

@@ -76,13 +76,15 @@ def sharpness(
         adaptive metric, docs/conventions.md "Adaptive metric").
       eta: the metric's floor (>= 0); only used with ``adaptive=True``.
       check_iterations: for measures whose integral needs a positive definite H (the
-        determinant), Lanczos steps n (HVPs; n dataset sweeps with ``batches``) used to
-        certify it: the smallest Ritz value, against ``10·n·eps·max|θ|``, decides NaN
-        (indefinite), 0 / −inf (singular) or the Monte Carlo value. Exact when n >= d; 0
-        disables the check. Costs n HVPs and n + 1 copies of the perturbed parameters (full
-        reorthogonalisation). The adaptive metric ``T_x H T_x`` has the inertia of H when
-        ``T_x`` is nonsingular, so the check runs on H, and with ``eta = 0`` a perturbed
-        coordinate equal to 0 makes it singular.
+        determinant) or may diverge otherwise (``invariant_gaussian``), Lanczos steps n
+        (HVPs; n dataset sweeps with ``batches``) on the measured operator (H, or
+        ``T_x H T_x`` with ``adaptive``). The Ritz values θ, against ``10·n·eps·max|θ|``,
+        decide NaN (indefinite), 0 / −inf (singular, or a provably divergent integral) or
+        the Monte Carlo value, and set ``Estimate.status``; θ_min also sets the
+        determinant's proposal scale when ``scale=None`` and proves infinite variance for a
+        given scale. Exact when n >= d; 0 disables the check. Costs n HVPs and n + 1 copies
+        of the perturbed parameters (full reorthogonalisation). With ``eta = 0`` a perturbed
+        coordinate equal to 0 makes ``T_x H T_x`` singular.
 
     Returns:
       ``estimate(params, *args, key, batches=None) -> Estimate``, pure and jit-able on one
@@ -110,31 +112,54 @@ def sharpness(
     _check_probing(measure, num_samples, chunk_size)
     _checks.integer("check_iterations", check_iterations, lo=0)
     eta = float(eta)
-    check = measure.requires_positive_definite and check_iterations > 0
+    check = (measure.requires_positive_definite or measure.may_diverge) and check_iterations > 0
+    auto_scale = isinstance(measure.mu, _mu.Lebesgue) and measure.mu.scale is None
 
     def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> Estimate:
         _checks.check_key(key)
         _checks.check_params(params)
-        draw = measure.mu.draw(key, params, num_samples)
-        v = draw.v
+        draw = measure.mu.draw(key, params, num_samples, adaptive=adaptive)
+        v, log_w, dtype = draw.v, draw.log_weight, draw.log_weight.dtype
+        bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk_size)
+        # the measured operator: H, or T_x H T_x (same inertia when T_x is nonsingular)
+        measured = (
+            _curvature.metric_bound(bound, params, eta, draw.perturbed) if adaptive else bound
+        )
+        if check:
+            # a Lanczos block of one vector is a plain vmap whatever the chunk size
+            n = min(check_iterations, draw.d)
+            start = _mu.gaussian(mask=measure.mu.mask).draw(jax.random.fold_in(key, 1), params, 1)
+            theta, tol = _krylov.ritz_certificate(measured, start.active(), n, dtype)
+        scale = measure.mu.scale if isinstance(measure.mu, _mu.Lebesgue) else None
+        if auto_scale and check:
+            # s² = 1/θ_min: twice the 1/(2λ_min) below which the weights have infinite
+            # variance when θ_min = λ_min (n >= d); the Lebesgue draw was made at scale 1.
+            scale = jnp.where(theta[0] > tol, theta[0], 1.0) ** -0.5
+            v = _tree.scale(scale, v)
+            log_w = log_w + draw.d * jnp.log(scale)
         if adaptive:
             v = _curvature.metric_probes(params, v, eta, draw.perturbed)
-        bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk_size)
         q = bound.quad(_tree.active(v, draw.perturbed))
-        est = _measure.reduce(measure, q.astype(draw.log_weight.dtype), draw.log_weight, draw.d)
-        if check:
-            est = _certify_definite(est, bound, params, key, draw)
-        return est
-
-    def _certify_definite(est, bound, params, key, draw):
-        # a Lanczos block of one vector is a plain vmap whatever the chunk size
-        n = min(check_iterations, draw.d)
-        start = _mu.gaussian(mask=measure.mu.mask).draw(jax.random.fold_in(key, 1), params, 1)
-        indefinite, singular = _krylov.definiteness(bound, start.active(), n, est.value.dtype)
+        est = _measure.reduce(measure, q.astype(dtype), log_w, draw.d)
+        if not check:
+            return est
+        singular = jnp.abs(theta[0]) <= tol
         if adaptive and eta == 0.0:
             # T_x H T_x is singular wherever a perturbed coordinate is 0, whatever H is
             x = _tree.active(params, draw.perturbed)
             singular = singular | jnp.any(jnp.stack([jnp.any(xi == 0) for xi in x]))
+        if measure.requires_positive_definite:
+            est = _certify_definite(est, theta[0] < -tol, singular)
+            if scale is not None:
+                # ∫(ψ dμ/dq)² dq < ∞ iff H − I/(2s²) is positive definite; θ_min >= λ_min
+                infinite = 2.0 * jnp.asarray(scale, dtype) ** 2 * theta[0] <= 1.0
+                flag = _diagnostics.flag(infinite & (theta[0] > tol), Status.INFINITE_VARIANCE)
+                est = est._replace(status=est.status | flag)
+            return est
+        groups = len(measure.mu.group_index(params, draw.perturbed)[1])
+        return _certify_finite(est, theta, tol, singular, groups)
+
+    def _certify_definite(est, indefinite, singular):
         nan = jnp.full_like(est.value, jnp.nan)
         value = jnp.where(indefinite, nan, jnp.where(singular, 0.0, est.value))
         log_value = jnp.where(indefinite, nan, jnp.where(singular, -jnp.inf, est.log_value))
@@ -143,6 +168,26 @@ def sharpness(
             est.status
             | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
             | _diagnostics.flag(singular & ~indefinite, Status.SINGULAR | Status.DIVERGENT)
+        )
+        return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
+
+    def _certify_finite(est, theta, tol, singular, groups):
+        # Product densities (Theorem 1): finite when H is positive definite (f <= 1). With
+        # more than G negative eigenvalues (G groups), every principal submatrix left after
+        # zeroing one coordinate per group is indefinite (Cauchy interlacing), f = 1 on that
+        # subspace and the integral is infinite: S = 0. θ_{G+1} < −tol proves it.
+        indefinite = theta[0] < -tol
+        divergent = theta[groups] < -tol if theta.shape[0] > groups else jnp.zeros((), bool)
+        unverified = indefinite | singular
+        value = jnp.where(divergent, 0.0, est.value)
+        log_value = jnp.where(divergent, -jnp.inf, est.log_value)
+        stderr = jnp.where(divergent, 0.0, est.stderr)
+        status = (
+            est.status
+            | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
+            | _diagnostics.flag(singular, Status.SINGULAR)
+            | _diagnostics.flag(divergent, Status.DIVERGENT)
+            | _diagnostics.flag(unverified & ~divergent, Status.NOT_VERIFIED_FINITE)
         )
         return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
@@ -230,7 +275,7 @@ def exact_sharpness(
                 f"key=None: measure {measure.name!r} has no closed form, so exact_sharpness "
                 "estimates it by Monte Carlo on the dense Hessian and needs a PRNG key"
             )
-        draw = measure.mu.draw(key, params, num_samples)
+        draw = measure.mu.draw(key, params, num_samples, adaptive=adaptive)
         vmat = jax.vmap(lambda *v: ravel_pytree(list(v))[0])(*draw.active())
         q = jnp.einsum("id,de,ie->i", vmat, h, vmat)
         return _measure.reduce(measure, q.astype(draw.log_weight.dtype), draw.log_weight, d)

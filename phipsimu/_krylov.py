@@ -191,15 +191,27 @@ def ritz(s: LanczosState, block: int = 0) -> tuple[jax.Array, jax.Array]:
     return jnp.linalg.eigh(tridiagonal(s.alpha[block], s.beta[block]))
 
 
-def definiteness(op: Bound, v0: list, n: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """Certify the definiteness of C with n Lanczos steps from ``v0`` (a block of one).
+def ritz_certificate(op: Bound, v0: list, n: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The n Ritz values (ascending) of C from n Lanczos steps from ``v0`` (a block of one),
+    and the tolerance ``tol = 10·n·eps·max|θ|`` within which a Ritz value counts as 0 (the
+    rounding of Ritz values is of order eps·‖C‖ per step).
 
-    All n Ritz values bound the spectrum from inside; with ``tol = 10·n·eps·max|θ|`` (the
-    rounding of Ritz values is of order eps·‖C‖ per step), returns ``(indefinite, singular)``:
-    the smallest Ritz value is below −tol, resp. within tol of 0. Exact when n >= d; with
-    fewer steps a negative or null direction outside the Krylov space can be missed.
+    By interlacing the k-th smallest Ritz value bounds the k-th smallest eigenvalue from
+    above: ``θ_k >= λ_k``. So ``θ_k < −tol`` proves that C has at least k negative
+    eigenvalues, and ``θ_1`` over-estimates λ_min (exactly λ_min when n >= d).
     """
     theta, _ = ritz(lanczos(op, v0, n))
     theta = theta.astype(dtype)
-    tol = 10 * n * jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(theta))
+    return theta, 10 * n * jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(theta))
+
+
+def definiteness(op: Bound, v0: list, n: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Certify the definiteness of C with n Lanczos steps from ``v0`` (a block of one).
+
+    All n Ritz values bound the spectrum from inside (see :func:`ritz_certificate`); returns
+    ``(indefinite, singular)``: the smallest Ritz value is below −tol, resp. within tol of 0.
+    Exact when n >= d; with fewer steps a negative or null direction outside the Krylov space
+    can be missed.
+    """
+    theta, tol = ritz_certificate(op, v0, n, dtype)
     return theta[0] < -tol, jnp.abs(theta[0]) <= tol

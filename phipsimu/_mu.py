@@ -105,10 +105,20 @@ class Sampler:
         out = self.draw(key, like, num)
         return out.v, out.log_weight
 
-    def draw(self, key: jax.Array, like: PyTree, num: int) -> Draw:
+    def draw(self, key: jax.Array, like: PyTree, num: int, *, adaptive: bool = False) -> Draw:
         """:meth:`sample`, returned as a :class:`Draw` that also carries the perturbed
-        leaves and d (computed once here, for the callers that need them)."""
+        leaves and d (computed once here, for the callers that need them).
+
+        Args:
+          key, like, num: as in :meth:`sample`.
+          adaptive: the caller multiplies the draws by the adaptive metric ``T_x`` itself
+            (``adaptive=True`` estimators and objectives measure ``T_x H T_x``, which is
+            already invariant). A proposal that scales by x (the equivariant proposal of
+            :func:`product_density`) then draws as at x = 1, so ``T_x`` is applied once.
+        """
         _checks.check_key(key)
+        if adaptive:
+            like = jax.tree_util.tree_map(jnp.ones_like, like)
         num = _checks.integer("num", num, lo=1)
         perturbed = self.perturbed(like)
         d = _tree.dim(like, perturbed)
@@ -174,21 +184,23 @@ class Lebesgue(Sampler):
     """Lebesgue measure on R^d, by importance sampling with the proposal N(0, scale² I).
 
     ``log w = (d/2)·log(2π scale²) + ‖v‖²/(2 scale²)``, kept in log space: for large d the
-    weights themselves overflow. The proposal should be about as wide as the integrand
-    (for ψ = exp(−t/2), scale² ≈ 1/λ for the Hessian's typical eigenvalue λ); a poorly
-    scaled proposal shows up as a small effective sample size.
+    weights themselves overflow. For ψ = exp(−t/2) the weights ``w·ψ`` have finite variance
+    only if ``scale² > 1/(2·λ_min)`` (λ_min the smallest eigenvalue of H); ``scale=None``
+    leaves the choice to the estimator (:func:`phipsimu.sharpness` picks ``scale² = 1/λ_min``
+    from its Lanczos check) and draws at scale 1 elsewhere.
     """
 
-    scale: float = 1.0
+    scale: float | None = 1.0
 
     def _draw(self, key, like, num, perturbed, d):
         def draw(k, shape, dtype):
             return jax.random.normal(k, shape, dtype)
 
+        scale = 1.0 if self.scale is None else self.scale
         g = _tree.random_like(key, like, perturbed, num, draw)
         sq = _tree.batched_sq_norm(g, perturbed)
-        log_w = 0.5 * d * math.log(2.0 * math.pi * self.scale**2) + 0.5 * sq
-        return _tree.scale(self.scale, g), log_w
+        log_w = 0.5 * d * math.log(2.0 * math.pi * scale**2) + 0.5 * sq
+        return _tree.scale(scale, g), log_w
 
 
 def sphere(*, mask: Any = None) -> Sphere:
@@ -231,14 +243,18 @@ def probe_sampler(probes: Any, mask: Any, allowed: tuple[str, ...] = PROBES) -> 
     return {"rademacher": rademacher, "gaussian": gaussian, "sphere": sphere}[probes](mask=mask)
 
 
-def lebesgue(*, scale: float = 1.0, mask: Any = None) -> Lebesgue:
+def lebesgue(*, scale: float | None = 1.0, mask: Any = None) -> Lebesgue:
     """Lebesgue measure on R^d, sampled by importance sampling from N(0, scale² I).
 
     Args:
-      scale: the proposal's standard deviation (> 0).
+      scale: the proposal's standard deviation (> 0), or None: chosen from the curvature by
+        :func:`phipsimu.sharpness` (``scale² = 1/λ_min`` from its Lanczos check; 1 where no
+        check runs).
       mask: which leaves to perturb.
     """
-    return Lebesgue(mask=mask, scale=_checks.real("scale", scale, lo=0.0, strict=True))
+    if scale is not None:
+        scale = _checks.real("scale", scale, lo=0.0, strict=True)
+    return Lebesgue(mask=mask, scale=scale)
 
 
 # ---------------------------------------------------------------- Theorem 1: product densities

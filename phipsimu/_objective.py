@@ -70,7 +70,7 @@ def sharpness_term(
                 "of an odd-sized group's product), so pairing v with -v would change the "
                 "objective"
             )
-        draw = measure.mu.draw(key, params, draws)
+        draw = measure.mu.draw(key, params, draws, adaptive=adaptive)
         v, log_w = draw.v, draw.log_weight
         if adaptive:
             v = _curvature.metric_probes(params, v, eta, draw.perturbed)

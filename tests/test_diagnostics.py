@@ -108,3 +108,48 @@ def test_closed_forms_and_spectral_estimators_carry_diagnostics():
     assert int(tr.status) == 0 and np.isnan(tr.pareto_k)
     diag = phipsimu.hessian_diagonal(loss, num_samples=8)(x, key=jax.random.key(0))
     assert int(diag.status) == 0
+
+
+def _example1(x):
+    return (x[0] * x[1] - 1.0) ** 2
+
+
+def test_adaptive_invariant_gaussian_applies_the_metric_once():
+    # T H T at (4, 1/4) is H at (1, 1): the same matrix, so the same value with the same key
+    # (the exact value is 1/3.397 = 0.2944 by quadrature, tests/test_coverage.py); applying
+    # T_x in both the equivariant proposal and the metric gave 0.336 at (4, 1/4)
+    measure = phipsimu.measures.invariant_gaussian()
+    fn = jax.jit(phipsimu.sharpness(_example1, measure, num_samples=1024, adaptive=True))
+    a = fn(jnp.array([1.0, 1.0]), key=jax.random.key(0))
+    b = fn(jnp.array([4.0, 0.25]), key=jax.random.key(0))
+    np.testing.assert_allclose(b.value, a.value, rtol=1e-5)
+    assert abs(float(b.value) - 0.2944) < 4 * float(b.stderr)
+
+
+def _relu_loss(params, x, y):
+    h = jax.nn.relu(x @ params[0]["w"] + params[0]["b"])
+    return jnp.mean((h @ params[1]["w"] + params[1]["b"] - y) ** 2)
+
+
+def test_invariant_gaussian_flags_a_divergent_integral_on_a_relu_net():
+    keys = jax.random.split(jax.random.key(5), 6)
+    params = [
+        {"w": jax.random.normal(keys[0], (3, 5)), "b": 0.1 * jax.random.normal(keys[1], (5,))},
+        {"w": jax.random.normal(keys[2], (5, 2)), "b": 0.1 * jax.random.normal(keys[3], (2,))},
+    ]
+    x, y = jax.random.normal(keys[4], (16, 3)), jax.random.normal(keys[5], (16, 2))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    hess = np.asarray(jax.hessian(lambda z: _relu_loss(unravel(z), x, y))(flat), np.float64)
+    eigs = np.linalg.eigvalsh(hess)
+    # more than one negative eigenvalue: every H_(−i) is indefinite, the integral is infinite
+    assert np.sum(eigs < -1e-6 * np.abs(eigs).max()) >= 2
+    measure = phipsimu.measures.invariant_gaussian()
+    est = jax.jit(phipsimu.sharpness(_relu_loss, measure, num_samples=64))(
+        params, x, y, key=jax.random.key(1)
+    )
+    assert est.status & Status.DIVERGENT
+    assert float(est.value) == 0.0 and float(est.log_value) == -np.inf
+    # at a positive definite point it is verified finite and reports nothing
+    loss, x0 = _quadratic([1.0, 2.0, 3.0])
+    est = phipsimu.sharpness(loss, measure, num_samples=64)(x0, key=jax.random.key(1))
+    assert int(est.status) == 0 and np.isfinite(est.log_value)

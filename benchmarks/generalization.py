@@ -3,7 +3,7 @@ predictors of the generalization gap before and after function-preserving rescal
 
     python benchmarks/generalization.py [--quick] --out DIR
 
-writes ``DIR/generalization.json``, the README's tables (``DIR/tables.md``) and two figures
+writes ``DIR/generalization.json``, the README's tables (``tables.md`` in DIR) and two figures
 (``DIR/training.png``, ``DIR/correlation.png``); ``--from-json`` redoes the tables and figures
 from an existing ``DIR/generalization.json``. The full study takes about 30 minutes on a
 2-core CPU; ``--quick`` (about 2 minutes: one dataset, two noise levels, two seeds, eight
@@ -633,7 +633,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--from-json",
         action="store_true",
-        help="redo the figures and tables.md from an existing DIR/generalization.json",
+        help="redo the figures and tables from an existing DIR/generalization.json",
     )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL

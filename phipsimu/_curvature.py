@@ -698,21 +698,15 @@ def dense(
 # ---------------------------------------------------------------- the adaptive metric
 
 
-def adaptive_metric(params: PyTree, eta: float, perturbed: _tree.Perturbed) -> PyTree:
-    """``T_x = |x| + eta`` on perturbed leaves (ASAM's metric; docs/conventions.md,
-    "Adaptive metric")."""
-    return jax.tree_util.tree_map(
-        lambda x, p: (jnp.abs(x) + eta).astype(x.dtype) if p else jnp.zeros_like(x),
-        params,
-        jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), list(perturbed)),
-    )
-
-
 def metric_probes(params: PyTree, v: PyTree, eta: Any, perturbed: _tree.Perturbed) -> PyTree:
-    """Probes in the adaptive metric, ``T_x v`` with ``T_x = |x| + eta`` (``v`` has a leading
-    sample axis). Differentiable in ``params``."""
-    t = adaptive_metric(params, eta, perturbed)
-    return jax.tree_util.tree_map(lambda ti, vi: (vi * ti).astype(vi.dtype), t, v)
+    """Probes in the adaptive metric, ``T_x v`` with ``T_x = |x| + eta`` (ASAM's metric;
+    docs/conventions.md, "Adaptive metric"); ``v`` has a leading sample axis. Differentiable
+    in ``params``."""
+    # Only the perturbed leaves: the others of ``v`` are zeros already, and may sit next to
+    # leaves (PRNG keys) that admit no arithmetic.
+    x = _tree.active(params, perturbed)
+    vs, merge = _tree.split(v, perturbed)
+    return merge([(vi * (jnp.abs(xi) + eta)).astype(vi.dtype) for xi, vi in zip(x, vs)])
 
 
 def float_grad(fn: Callable[[PyTree], jax.Array], params: PyTree) -> list:

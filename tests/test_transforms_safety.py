@@ -210,12 +210,19 @@ def test_non_float_leaves_are_held_fixed(name):
     assert np.all(np.isfinite(flat({"w": out["w"], "b": out["b"]})))
 
 
-def test_sharpness_with_a_typed_key_leaf():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sharpness_and_loss_with_a_typed_key_leaf(adaptive):
     params = {**PARAMS, "rng": jax.random.key(3)}
-    est = phipsimu.sharpness(
-        lambda p: quad({"w": p["w"], "b": p["b"]}), phipsimu.measures.trace(), num_samples=2
-    )
+
+    def loss(p):
+        return quad({"w": p["w"], "b": p["b"]})
+
+    kw = {"num_samples": 2, "adaptive": adaptive}
+    est = phipsimu.sharpness(loss, phipsimu.measures.trace(), **kw)
     assert np.isfinite(est(params, key=jax.random.key(0)).value)
+    objective = phipsimu.sharpness_aware_loss(loss, phipsimu.measures.trace(), rho=0.05, **kw)
+    g = jax.grad(objective, allow_int=True)(params, key=jax.random.key(0))
+    assert np.all(np.isfinite(flat({"w": g["w"], "b": g["b"]})))
 
 
 @pytest.mark.parametrize(

@@ -704,9 +704,15 @@ def metric_probes(params: PyTree, v: PyTree, eta: Any, perturbed: _tree.Perturbe
     in ``params``."""
     # Only the perturbed leaves: the others of ``v`` are zeros already, and may sit next to
     # leaves (PRNG keys) that admit no arithmetic.
-    x = _tree.active(params, perturbed)
     vs, merge = _tree.split(v, perturbed)
-    return merge([(vi * (jnp.abs(xi) + eta)).astype(vi.dtype) for xi, vi in zip(x, vs)])
+    t = adaptive_metric(params, eta, perturbed)
+    return merge([(vi * ti).astype(vi.dtype) for vi, ti in zip(vs, t)])
+
+
+def adaptive_metric(params: PyTree, eta: Any, perturbed: _tree.Perturbed) -> list:
+    """``T_x = |x| + eta`` on the perturbed leaves, as a list aligned with them (ASAM's
+    metric; docs/conventions.md, "Adaptive metric")."""
+    return [(jnp.abs(x) + eta).astype(x.dtype) for x in _tree.active(params, perturbed)]
 
 
 def float_grad(fn: Callable[[PyTree], jax.Array], params: PyTree) -> list:
@@ -719,7 +725,7 @@ def float_grad(fn: Callable[[PyTree], jax.Array], params: PyTree) -> list:
 
 def metric_bound(bound: Bound, params: PyTree, eta: Any, perturbed: _tree.Perturbed) -> Bound:
     """``bound`` in the adaptive metric: the operator ``T_x C T_x`` (``T_x = |x| + eta``)."""
-    t = _tree.active(adaptive_metric(params, eta, perturbed), perturbed)
+    t = adaptive_metric(params, eta, perturbed)
 
     def scaled(vs: list) -> list:
         return [(v * ti).astype(v.dtype) for v, ti in zip(vs, t)]

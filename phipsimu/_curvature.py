@@ -6,7 +6,7 @@ two primitives on one batch of data (``args``):
 * the matrix-vector product ``Cv``;
 * the quadratic form ``vᵀCv`` (for the Hessian the second directional derivative
   ``d²/dt² L(x + tv)`` at t = 0, forward-over-forward, about one gradient per probe where a
-  vmapped forward-over-reverse product costs 2–3, ``benchmarks/bench_sharpness.py``).
+  vmapped forward-over-reverse product costs 2–3, ``python -m benchmarks``).
 
 Operators here: :func:`hessian` (``∇²L``), :func:`gauss_newton` (``Jᵀ∇²ℓJ``) and
 :func:`linear_operator` (a user's own matvec). All are frozen, hashable dataclasses, so they can
@@ -34,7 +34,7 @@ PyTree = Any
 
 #: Probes per chunk when ``chunk_size=None``. On an MLP 64-256-256-10 with batch 512 (CPU),
 #: chunks of 4 cost 1.0–1.6 gradients per probe for 16–64 probes, a single ``vmap`` over all
-#: probes 2.1–2.2 (``benchmarks/bench_sharpness.py``).
+#: probes 2.1–2.2 (``python -m benchmarks``).
 DEFAULT_CHUNK = 4
 
 #: Largest number of perturbed coordinates the dense paths accept by default

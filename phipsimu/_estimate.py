@@ -71,7 +71,7 @@ def sharpness(
       chunk_size: how many probes to evaluate at once (``vmap`` inside a chunked
         ``lax.map``); memory grows with it. ``None`` (default) uses chunks of 4, which
         measured fastest on CPU (about 1–1.6 gradients per probe,
-        ``benchmarks/bench_sharpness.py``); ``chunk_size=num_samples`` is a single ``vmap``.
+        ``python -m benchmarks``); ``chunk_size=num_samples`` is a single ``vmap``.
       adaptive: measure ``T_x H T_x`` with ``T_x = diag(|x| + eta)`` instead of H (the
         adaptive metric, docs/conventions.md "Adaptive metric").
       eta: the metric's floor (>= 0); only used with ``adaptive=True``.

@@ -93,7 +93,7 @@ def top_eigenvalues(
     n = ``num_iterations`` HVPs, orthogonalising every new vector against all previous ones
     (twice), and returns the Ritz values of ``T = QᵀHQ``. Extreme eigenvalues converge first,
     at a rate set by the gap ratio (Kaniel–Paige–Saad bounds), much faster than power
-    iteration (:func:`power_iteration`; ``benchmarks/bench_spectral.py``). The number of
+    iteration (:func:`power_iteration`; ``python -m benchmarks``). The number of
     steps is fixed, so the whole estimator jits.
 
     Args:

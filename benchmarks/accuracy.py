@@ -1,7 +1,7 @@
-"""Spectral estimators on a trained digits MLP (scikit-learn's bundled ``load_digits``).
+"""Accuracy of the spectral estimators on a trained digits MLP (scikit-learn's ``load_digits``).
 
 MLP 64-32-10 (tanh, cross-entropy, d = 2410) trained full-batch with Adam; the reference is the
-dense Hessian (``jax.hessian``) and its float64 eigenvalues (numpy). Prints:
+dense Hessian (``jax.hessian``) and its float64 eigenvalues (numpy). Reports:
 
 1. HVPs until the top eigenvalue is within 1e-3 relative error, Lanczos vs power iteration
    (median over seeds). Lanczos' tridiagonal after n steps is the leading n×n block of the
@@ -10,26 +10,23 @@ dense Hessian (``jax.hessian``) and its float64 eigenvalues (numpy). Prints:
    against ``phipsimu.power_iteration``).
 2. Relative error of Tr(H) at fixed HVP budgets: Hutchinson (Rademacher) vs Hutch++ vs
    XTrace (median over seeds).
-3. Cost of one Hutchinson probe in units of one ``jax.grad`` (median of repeats).
-
-    python benchmarks/bench_spectral.py [--seeds 20] [--steps 500]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _mlp import init_mlp
 from sklearn.datasets import load_digits
 
 import phipsimu
 from phipsimu import _curvature, _krylov
+from phipsimu.examples import init_mlp
+
+from . import _common as c
 
 
 def loss(params, x, y):
@@ -44,7 +41,7 @@ def trained_mlp(steps):
     digits = load_digits()
     x = jnp.asarray(digits.data / 16.0, jnp.float32)
     y = jax.nn.one_hot(digits.target, 10)
-    params = init_mlp(jax.random.key(0), [64, 32, 10])
+    params = init_mlp(jax.random.key(0), [64, 32, 10], gain=1.0)
     opt = optax.adam(1e-2)
     state = opt.init(params)
 
@@ -101,65 +98,60 @@ def power_matvecs_to_tol(params, x, y, lam_max, n_max, key, tol):
     return int(hits[0]) + 1 if hits.size else None
 
 
-def median_time(fn, *args, repeats=7, **kwargs):
-    jax.block_until_ready(fn(*args, **kwargs))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args, **kwargs))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _median(counts):
+    """Median HVP count; a run that never reached the tolerance counts as infinitely many."""
+    return statistics.median(float("inf") if n is None else n for n in counts)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[30, 60, 120])
-    args = parser.parse_args()
-
-    params, x, y = trained_mlp(args.steps)
+def run(quick: bool, repeats: int) -> list[dict]:
+    del repeats  # accuracy, not time: medians over seeds
+    seeds, steps, budgets = (1, 50, (18,)) if quick else (20, 500, (30, 60, 120))
+    params, x, y = trained_mlp(steps)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     hess = np.asarray(jax.jit(jax.hessian(lambda z: loss(unravel(z), x, y)))(flat), np.float64)
     lam = np.linalg.eigvalsh(0.5 * (hess + hess.T))
-    print(f"digits MLP 64-32-10, d = {flat.size}, loss = {float(loss(params, x, y)):.4f}")
-    print(f"λ_max = {lam[-1]:.5g}, λ_2 = {lam[-2]:.5g}, λ_min = {lam[0]:.4g}, Tr = {lam.sum():.5g}")
 
-    tol, n_max = 1e-3, 400
+    tol, n_max = 1e-3, (100 if quick else 400)
+    runs = range(min(seeds, 10))
     lanczos = [
-        lanczos_matvecs_to_tol(params, x, y, lam[-1], 60, jax.random.key(s), tol)
-        for s in range(min(args.seeds, 10))
+        lanczos_matvecs_to_tol(params, x, y, lam[-1], n_max // 5, jax.random.key(s), tol)
+        for s in runs
     ]
+    # the smoke test skips power iteration (its eager public call compiles for long)
     power = [
-        power_matvecs_to_tol(params, x, y, lam[-1], n_max, jax.random.key(s), tol)
-        for s in range(min(args.seeds, 10))
+        None
+        if quick
+        else power_matvecs_to_tol(params, x, y, lam[-1], n_max, jax.random.key(s), tol)
+        for s in runs
     ]
-    print(f"\nHVPs to 1e-3 relative error in λ_max (median over {len(lanczos)} seeds)")
-    print(f"  Lanczos          {statistics.median(lanczos):6.1f}   (all: {lanczos})")
-    print(f"  power iteration  {statistics.median(power):6.1f}   (all: {power})")
-    print(f"  ratio            {statistics.median(power) / statistics.median(lanczos):6.1f}x")
-
+    model = f"trained digits MLP 64-32-10 (d = {flat.size}, {steps} Adam steps)"
+    out = [
+        c.figure(
+            "accuracy",
+            f"HVPs to 1e-3 relative error in λ_max, Lanczos ({model})",
+            _median(lanczos),
+            unit="HVPs",
+            power_iteration=None if quick else _median(power),
+            seeds=len(lanczos),
+        )
+    ]
     ref = lam.sum()
-    print(f"\nrelative error of Tr(H) at a fixed HVP budget (median over {args.seeds} seeds)")
-    print("  budget   hutchinson    hutch++     xtrace")
-    for budget in args.budgets:
-        row = []
+    for budget in budgets:
+        errs = {}
         for method in ("hutchinson", "hutch++", "xtrace"):
             fn = jax.jit(phipsimu.hessian_trace(loss, num_matvecs=budget, method=method))
-            errs = [
+            errs[method] = statistics.median(
                 abs(float(fn(params, x, y, key=jax.random.key(s)).value) - ref) / abs(ref)
-                for s in range(args.seeds)
-            ]
-            row.append(statistics.median(errs))
-        print(f"  {budget:6d}   {row[0]:10.4f} {row[1]:10.4f} {row[2]:10.4f}")
-
-    m = 32
-    grad = jax.jit(jax.grad(loss))
-    hutch = jax.jit(phipsimu.hessian_trace(loss, num_matvecs=m))
-    t_grad = median_time(grad, params, x, y)
-    t_hutch = median_time(hutch, params, x, y, key=jax.random.key(0))
-    print(f"\nHutchinson probe cost: {t_hutch / (m * t_grad):.2f} gradients per probe (m = {m})")
-
-
-if __name__ == "__main__":
-    main()
+                for s in range(seeds)
+            )
+        out.append(
+            c.figure(
+                "accuracy",
+                f"relative error of Tr(H) at {budget} HVPs, Hutch++ (Hutchinson, XTrace beside)",
+                errs["hutch++"],
+                hutchinson=errs["hutchinson"],
+                xtrace=errs["xtrace"],
+                seeds=seeds,
+            )
+        )
+    return out

@@ -1,0 +1,1 @@
+"""phipsimu's benchmark suite: ``python -m benchmarks`` (see ``__main__``)."""

@@ -1,0 +1,175 @@
+"""Step and probe costs on the issue's digits MLP 64-256-256-10 (d = 85,002), batch 512.
+
+* one probe of ``sharpness`` (trace measure) and of ``hessian_trace`` (Hutchinson) / one
+  ``jax.grad``;
+* ``sam`` step / SGD step and / ``optax.contrib.sam`` (opaque mode) step;
+* ``sharpness_aware`` (eq. 10) step with m perturbations / ((m + 1) SGD steps), counting the
+  caller's own gradient: m + 1 gradients is the floor (one clean, m perturbed);
+* the PyTorch peers of ``peers_torch`` (when torch is installed), interleaved in the same
+  repeats: the authors'-style eq. 10 step and a PyHessian-style Hutchinson probe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+import phipsimu
+
+from . import _common as c
+
+RHO = 0.05
+
+
+def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
+    loss, params = c.mlp()
+    x, y = c.digits_batch()
+    probe_ms = (4,) if quick else (4, 16, 64)
+    step_ms = (2,) if quick else (1, 2, 4, 8, 16)
+    hutch_m = 4 if quick else 16
+    trace = phipsimu.measures.trace()
+
+    timers = {"grad": c.timer(jax.jit(jax.grad(loss)), params, x, y)}
+    for m in probe_ms:
+        fn = jax.jit(phipsimu.sharpness(loss, trace, num_samples=m))
+        timers[f"probe{m}"] = c.timer(lambda p, fn=fn: fn(p, x, y, key=jax.random.key(0)), params)
+    hutch = jax.jit(phipsimu.hessian_trace(loss, num_matvecs=hutch_m))
+    timers["hutchinson"] = c.timer(lambda p: hutch(p, x, y, key=jax.random.key(0)), params)
+
+    def step_timer(tx, style="plain"):
+        step, init = c.sgd_step(loss, tx, style=style)
+        return c.timer(step, params, init(params), x, y)
+
+    timers["sgd"] = step_timer(None)
+    timers["sam"] = step_timer(phipsimu.sam(rho=RHO), "value_fn")
+    opaque = optax.contrib.sam(
+        optax.sgd(0.1),
+        optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
+        sync_period=2,
+        opaque_mode=True,
+    )
+    # optax.contrib.sam is the whole optimizer (outer SGD inside), so its step has no chain
+    timers["optax_sam"] = _optax_sam_timer(loss, opaque, params, x, y)
+    for m in step_ms:
+        timers[f"eq10_{m}"] = step_timer(
+            phipsimu.sharpness_aware(trace, rho=RHO, num_samples=m), "value_fn"
+        )
+
+    peers = _peers(loss, params, x, y, quick)
+    if isinstance(peers, dict):
+        timers.update(peers)
+
+    t = c.interleave(timers, repeats)
+    out = []
+    for m in probe_ms:
+        out.append(
+            c.figure(
+                "cost",
+                f"`sharpness` probe / `jax.grad`, m = {m}",
+                c.median_ratio(t[f"probe{m}"], t["grad"], m),
+                range=c.ratio_range(t[f"probe{m}"], t["grad"], m),
+                goal=("<=", 1.5),
+                unit="gradients",
+                cause="a probe is a forward-over-reverse HVP (a JVP through the gradient), "
+                "which XLA does not fuse as well as the plain reverse pass",
+            )
+        )
+    out.append(
+        c.figure(
+            "cost",
+            f"`hessian_trace` (Hutchinson) probe / `jax.grad`, m = {hutch_m}",
+            c.median_ratio(t["hutchinson"], t["grad"], hutch_m),
+            range=c.ratio_range(t["hutchinson"], t["grad"], hutch_m),
+            goal=("<=", 1.5),
+            unit="gradients",
+            cause="as for `sharpness`: one HVP per probe",
+        )
+    )
+    out.append(
+        c.figure(
+            "cost",
+            "`sam` step / SGD step",
+            c.median_ratio(t["sam"], t["sgd"]),
+            range=c.ratio_range(t["sam"], t["sgd"]),
+            goal=("<=", 2.1),
+            cause="SAM needs two gradients per step; anything above 2 is the normalisation "
+            "and the perturbed-params update, which are memory-bound at this size",
+        )
+    )
+    out.append(
+        c.figure(
+            "cost",
+            "`sam` step / `optax.contrib.sam` (opaque) step",
+            c.median_ratio(t["sam"], t["optax_sam"]),
+            range=c.ratio_range(t["sam"], t["optax_sam"]),
+            goal=("<=", 1.0),
+            cause="both take two gradients; the difference is per-step bookkeeping",
+        )
+    )
+    for m in step_ms:
+        out.append(
+            c.figure(
+                "cost",
+                f"eq. 10 step / ((m + 1) SGD steps), m = {m}",
+                c.median_ratio(t[f"eq10_{m}"], t["sgd"], m + 1),
+                range=c.ratio_range(t[f"eq10_{m}"], t["sgd"], m + 1),
+                goal=("<=", 1.25),
+                cause="the perturbed losses are differentiated through a chunked map; "
+                "per-chunk overhead dominates at small m",
+            )
+        )
+    if isinstance(peers, dict):
+        m = step_ms[-1]
+        out.append(
+            c.figure(
+                "peers",
+                f"PyTorch eq. 10 step (authors' style) / ours, m = {m}",
+                c.median_ratio(t["torch_eq10"], t[f"eq10_{m}"]),
+                range=c.ratio_range(t["torch_eq10"], t[f"eq10_{m}"]),
+                goal=(">=", 1.3),
+                unit="× faster",
+                cause="both do m + 1 gradients; PyTorch's eager CPU kernels are close to "
+                "XLA's at this size",
+            )
+        )
+        out.append(
+            c.figure(
+                "peers",
+                f"PyHessian-style Hutchinson probe / ours, m = {hutch_m}",
+                c.median_ratio(t["torch_hutch"], t["hutchinson"]),
+                range=c.ratio_range(t["torch_hutch"], t["hutchinson"]),
+                goal=(">=", 2.0),
+                unit="× faster",
+                cause="PyHessian's double-backward HVP reuses one retained graph, so its "
+                "per-probe cost is one extra backward pass",
+            )
+        )
+    else:
+        out.append(c.figure("peers", "PyTorch peers", None, note=peers))
+    return out
+
+
+def _optax_sam_timer(loss, opt, params, x, y):
+    @jax.jit
+    def step(params, state, x, y):
+        grads = jax.grad(loss)(params, x, y)
+        updates, state = opt.update(
+            grads, state, params, grad_fn=lambda p, _: jax.grad(loss)(p, x, y)
+        )
+        return optax.apply_updates(params, updates), state
+
+    return c.timer(step, params, opt.init(params), x, y)
+
+
+def _peers(loss, params, x, y, quick):
+    """Timers for the PyTorch peers, or a note saying why they are skipped."""
+    try:
+        from . import peers_torch
+    except ImportError as err:
+        return f"skipped: {err} (install torch in a separate environment, see README)"
+    return {
+        "torch_eq10": peers_torch.eq10_step_timer(params, x, y, m=2 if quick else 16, rho=RHO),
+        "torch_hutch": peers_torch.hutchinson_timer(params, x, y, m=4 if quick else 16),
+    }

@@ -1,0 +1,64 @@
+"""Peak memory against the number of samples m, each measurement in a fresh process.
+
+Growth of peak RSS while running the compiled call (MiB, above the RSS just before it; a plain
+jitted gradient of the same loss is measured the same way for reference) for ``sharpness``
+(trace measure), ``jax.grad(sharpness_aware_loss)`` and the ``sharpness_aware`` SGD step on the
+digits MLP 64-256-256-10, batch 512, at the default chunking; plus the growth while compiling
+and XLA's planned temporary buffers. Goal: the running peak at m = 256 at most 1.5× the one at
+m = 4.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import _common as c
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = {
+    "sharpness": "`sharpness`",
+    "grad_loss": "`jax.grad(sharpness_aware_loss)`",
+    "update": "`sharpness_aware` step",
+}
+
+
+def measure(kind: str, m: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks._memory_probe", kind, str(m)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
+    del repeats  # peak RSS is a maximum, not a noisy time: one process per point
+    kinds = ("sharpness",) if quick else tuple(LABELS)
+    ms = (4, 8) if quick else (4, 16, 64, 256)
+    out = []
+    for kind in kinds:
+        rows = [measure(kind, m) for m in ms]
+        growth = {r["m"]: r["run_mib"] for r in rows}
+        lo, hi = ms[0], ms[-1]
+        out.append(
+            c.figure(
+                "memory",
+                f"{LABELS[kind]}: peak RSS growth running at m = {hi} / at m = {lo}",
+                growth[hi] / max(growth[lo], 1.0),
+                goal=("<=", 1.5),
+                unit="×",
+                cause="memory grows with m: the call holds buffers for all m samples at once "
+                "(see the per-m growth and XLA's temp buffers)",
+                growth_mib=growth,
+                compile_mib={r["m"]: r["compile_mib"] for r in rows},
+                xla_temp_mib={r["m"]: r["xla_temp_mib"] for r in rows},
+                grad_run_mib=rows[0]["grad_run_mib"],
+            )
+        )
+    return out

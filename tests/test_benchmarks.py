@@ -1,0 +1,74 @@
+"""The benchmark suite runs end to end (``python -m benchmarks --quick``: a smoke test, no
+timing assertions) and writes its JSON and Markdown with the machine record."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_suite_writes_json_and_table(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (json_file,) = tmp_path.glob("*-quick.json")
+    result = json.loads(json_file.read_text())
+    for key in ("cpu_model", "cpu_cores", "backend", "device_kind", "jax", "load_average"):
+        assert key in result["machine"]
+    suites = {f["suite"] for f in result["figures"]}
+    assert {"cost", "memory", "compile", "scaling", "accuracy"} <= suites
+    for f in result["figures"]:
+        if f["suite"] != "peers":
+            assert f["value"] is not None, f
+        assert f["met"] in (True, False, None)
+    table = json_file.with_suffix(".md").read_text()
+    assert "| suite | figure | value | goal | met |" in table
+    assert result["machine"]["cpu_model"] in table
+
+
+def test_torch_peer_eq10_direction_matches_jax():
+    """The PyTorch peer computes the same eq. 10 direction (trace measure) as JAX does for the
+    same draws: ∇L + (2/m)·Σ(∇L(x + ρv_i) − ∇L(x))."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as c
+    from benchmarks import peers_torch as pt
+
+    loss, params = c.mlp((64, 16, 10))
+    x, y = c.digits_batch(32)
+    layers, flat, tx, ty = pt.to_torch(params, x, y)
+    draws = pt.sphere_draws(flat, 3, torch.Generator().manual_seed(0))
+    rho = 0.05
+    got = pt.eq10_gradient(layers, flat, tx, ty, draws, rho)
+    vs = [
+        [
+            {"w": jnp.asarray(v[2 * i].numpy()), "b": jnp.asarray(v[2 * i + 1].numpy())}
+            for i in range(len(params))
+        ]
+        for v in draws
+    ]
+
+    def objective(p):
+        base = loss(p, x, y)
+        shifted = [loss(jax.tree.map(lambda a, b: a + rho * b, p, v), x, y) for v in vs]
+        return base + 2 * jnp.mean(jnp.stack(shifted) - base)
+
+    want = [a for layer in jax.grad(objective)(params) for a in (layer["w"], layer["b"])]
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b.numpy(), np.asarray(a), rtol=1e-4, atol=1e-6)

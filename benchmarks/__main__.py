@@ -81,9 +81,9 @@ def _details(f: dict) -> str:
     if f["suite"] == "memory":
         g = ", ".join(f"m={m}: +{v:.0f}" for m, v in f["growth_mib"].items())
         t = ", ".join(f"{v:.0f}" for v in f["xla_temp_mib"].values() if v is not None)
-        k = ", ".join(f"{v:.0f}" for v in f["compile_mib"].values())
+        k = ", ".join(f"{v:.0f}" for v in f.get("compile_mib", {}).values())
         return (
-            f"running, MiB: {g} (plain gradient +{f['grad_run_mib']:.0f}); "
+            f"running, MiB: {g} (plain gradient +{f.get('grad_run_mib', 0):.0f}); "
             f"compiling: {k}; XLA temp: {t}"
         )
     if f["suite"] == "compile":

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -72,8 +73,9 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 range=c.ratio_range(t[f"probe{m}"], t["grad"], m),
                 goal=("<=", 1.5),
                 unit="gradients",
-                cause="a probe is a forward-over-reverse HVP (a JVP through the gradient), "
-                "which XLA does not fuse as well as the plain reverse pass",
+                cause="consistent across repeats, so not the load: a probe is a second "
+                "directional derivative (nested JVPs through the loss), which costs more than "
+                "the goal allows relative to one reverse-mode gradient on this model",
             )
         )
     out.append(
@@ -116,12 +118,23 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 c.median_ratio(t[f"eq10_{m}"], t["sgd"], m + 1),
                 range=c.ratio_range(t[f"eq10_{m}"], t["sgd"], m + 1),
                 goal=("<=", 1.25),
-                cause="the perturbed losses are differentiated through a chunked map; "
-                "per-chunk overhead dominates at small m",
+                cause="consistent across repeats, so not the load: the m perturbed losses "
+                "are differentiated in reverse mode through a chunked map, which costs more "
+                "than m separate gradients here",
             )
         )
     if isinstance(peers, dict):
         m = step_ms[-1]
+        load, cores = os.getloadavg()[0], c.machine()["cpu_cores"]
+        # PyTorch's OpenMP workers spin while waiting; with more runnable threads than cores
+        # they lose their time slices to other processes, which XLA's pool is less prone to
+        busy = (
+            f"measured at load average {load:.1f} on {cores} cores: torch's OpenMP threads "
+            "spin-wait and suffer far more from oversubscription than XLA, so this ratio "
+            "overstates the gap; compare on an idle machine"
+            if load > cores
+            else None
+        )
         out.append(
             c.figure(
                 "peers",
@@ -132,6 +145,7 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 unit="× faster",
                 cause="both do m + 1 gradients; PyTorch's eager CPU kernels are close to "
                 "XLA's at this size",
+                note=busy,
             )
         )
         out.append(
@@ -144,6 +158,7 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 unit="× faster",
                 cause="PyHessian's double-backward HVP reuses one retained graph, so its "
                 "per-probe cost is one extra backward pass",
+                note=busy,
             )
         )
     else:

@@ -60,7 +60,7 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
 
     peers = _peers(loss, params, x, y, quick)
     if isinstance(peers, dict):
-        timers.update(peers)
+        timers.update({k: v for k, v in peers.items() if k.startswith("torch_")})
 
     t = c.interleave(timers, repeats)
     out = []
@@ -125,14 +125,12 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
         )
     if isinstance(peers, dict):
         m = step_ms[-1]
-        load, cores = os.getloadavg()[0], c.machine()["cpu_cores"]
-        # PyTorch's OpenMP workers spin while waiting; with more runnable threads than cores
-        # they lose their time slices to other processes, which XLA's pool is less prone to
+        load, threads = peers.pop("load"), peers.pop("threads")
         busy = (
-            f"measured at load average {load:.1f} on {cores} cores: torch's OpenMP threads "
-            "spin-wait and suffer far more from oversubscription than XLA, so this ratio "
-            "overstates the gap; compare on an idle machine"
-            if load > cores
+            f"measured at load average {load:.1f} on {c.machine()['cpu_cores']} cores, so "
+            f"torch ran on {threads} thread (its OpenMP workers spin-wait and starve when "
+            "threads outnumber cores) while XLA kept its pool: compare on an idle machine"
+            if threads == 1
             else None
         )
         out.append(
@@ -143,6 +141,7 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 range=c.ratio_range(t["torch_eq10"], t[f"eq10_{m}"]),
                 goal=(">=", 1.3),
                 unit="× faster",
+                torch_threads=threads,
                 cause="both do m + 1 gradients; PyTorch's eager CPU kernels are close to "
                 "XLA's at this size",
                 note=busy,
@@ -184,7 +183,13 @@ def _peers(loss, params, x, y, quick):
         from . import peers_torch
     except ImportError as err:
         return f"skipped: {err} (install torch in a separate environment, see README)"
+    # with more runnable threads than cores torch's spinning OpenMP workers starve: one thread
+    load, cores = os.getloadavg()[0], c.machine()["cpu_cores"]
+    threads = 1 if load > cores else cores
+    peers_torch.torch.set_num_threads(threads)
     return {
         "torch_eq10": peers_torch.eq10_step_timer(params, x, y, m=2 if quick else 16, rho=RHO),
         "torch_hutch": peers_torch.hutchinson_timer(params, x, y, m=4 if quick else 16),
+        "load": load,
+        "threads": threads,
     }

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _curvature, _diagnostics, _krylov, _measure, _mu, _tree
+from phipsimu import _checks, _curvature, _diagnostics, _krylov, _measure, _mu, _parallel, _tree
 from phipsimu._curvature import MAX_DENSE_DIM
 from phipsimu._diagnostics import Status
 from phipsimu._measure import Estimate
@@ -41,6 +41,7 @@ def sharpness(
     adaptive: bool = False,
     eta: float = 0.0,
     check_iterations: int = 30,
+    sample_axis: str | None = None,
 ) -> Callable[..., Estimate]:
     """Monte Carlo estimator of the (φ, ψ, μ)-sharpness measure (Definition 1).
 
@@ -85,6 +86,11 @@ def sharpness(
         given scale. Exact when n >= d; 0 disables the check. Costs n HVPs and n + 1 copies
         of the perturbed parameters (full reorthogonalisation). With ``eta = 0`` a perturbed
         coordinate equal to 0 makes ``T_x H T_x`` singular.
+      sample_axis: spread the probes over this mapped axis (a ``jax.shard_map`` mesh axis or
+        ``jax.pmap``'s axis; docs/conventions.md, section "Scaling out"): each device
+        evaluates ``num_samples/N`` of the same probes as one device (N must divide
+        ``num_samples``), the quadratic forms are gathered in probe order and every device
+        returns the single-device estimate for the same key.
 
     Returns:
       ``estimate(params, *args, key, batches=None) -> Estimate``, pure and jit-able on one
@@ -111,6 +117,7 @@ def sharpness(
     _check_common(measure, eta)
     _check_probing(measure, num_samples, chunk_size)
     _checks.integer("check_iterations", check_iterations, lo=0)
+    _parallel.check_axis_name("sample_axis", sample_axis)
     eta = float(eta)
     check = (measure.requires_positive_definite or measure.may_diverge) and check_iterations > 0
     auto_scale = isinstance(measure.mu, _mu.Lebesgue) and measure.mu.scale is None
@@ -137,9 +144,16 @@ def sharpness(
             scale = jnp.where(theta[0] > tol, theta[0], 1.0) ** -0.5
             v = _tree.scale(scale, v)
             log_w = log_w + draw.d * jnp.log(scale)
+        if sample_axis is not None:
+            size, begin = _parallel.sample_block(
+                sample_axis, num_samples, f"num_samples={num_samples}"
+            )
+            v = _parallel.take_block(v, begin, size)
         if adaptive:
             v = _curvature.metric_probes(params, v, eta, draw.perturbed)
         q = bound.quad(_tree.active(v, draw.perturbed))
+        if sample_axis is not None:
+            q = _parallel.gather_samples(q, sample_axis)
         est = _measure.reduce(measure, q.astype(dtype), log_w, draw.d)
         if not check:
             return est

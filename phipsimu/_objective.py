@@ -31,6 +31,7 @@ def sharpness_term(
     adaptive: bool,
     eta: Any,
     chunk_size: Any,
+    sample_axis: str | None = None,
 ) -> Callable[[Callable[[PyTree], jax.Array], PyTree, jax.Array, jax.Array], jax.Array]:
     """Validate the configuration once and return ``term(value_fn, params, base, key)``, the
     weighted sharpness term ``s·ρ² φ(mean_i w_i ψ(Δ_i))`` shared by the loss and the optax
@@ -42,6 +43,12 @@ def sharpness_term(
     negations. With ``adaptive`` the perturbation is ``ρ T_x v`` with ``T_x = |x| + eta``.
     The term is differentiable in ``params`` (through the perturbed losses, ``base``, ``T_x``
     and, for equivariant proposals, the draws).
+
+    With ``sample_axis`` each device along that axis evaluates its block of the draws (the
+    same draws as on one device: all are drawn from the key, each device keeps its rows); the
+    perturbed losses are gathered in sample order before ψ and φ, and the term is
+    ``pmean``-ed over the axis, so its gradient, ``pmean``-ed over the axis, is the
+    single-device gradient under ``pmap`` and ``shard_map`` (either ``check_vma``).
     """
     _measure.check_measure(measure)
     _checks.real("rho", rho, lo=0.0, strict=True)
@@ -56,9 +63,12 @@ def sharpness_term(
     _checks.real("strength", strength, lo=0.0, strict=False)
     _checks.real("eta", eta, lo=0.0, strict=False)
     _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
+    _parallel.check_axis_name("sample_axis", sample_axis)
     draws = num_samples // 2 if antithetic else num_samples
-    chunk = _curvature.DEFAULT_CHUNK if chunk_size is None else chunk_size
-    chunk = None if chunk >= draws else chunk
+    chunk_req = _curvature.DEFAULT_CHUNK if chunk_size is None else chunk_size
+    what = f"num_samples={num_samples}" + (
+        " (num_samples/2 antithetic pairs)" if antithetic else ""
+    )
 
     def term(
         value_fn: Callable[[PyTree], jax.Array], params: PyTree, base: jax.Array, key: jax.Array
@@ -72,13 +82,19 @@ def sharpness_term(
             )
         draw = measure.mu.draw(key, params, draws, adaptive=adaptive)
         v, log_w = draw.v, draw.log_weight
+        size = draws
+        if sample_axis is not None:
+            size, start = _parallel.sample_block(sample_axis, draws, what)
+            v = _parallel.take_block(v, start, size)
+        chunk = None if chunk_req >= size else chunk_req
         if adaptive:
             v = _curvature.metric_probes(params, v, eta, draw.perturbed)
 
         def shifted(sign: float) -> jax.Array:
-            return _tree.chunked_map(
+            out = _tree.chunked_map(
                 lambda vi: value_fn(_tree.add_scale(params, sign * rho, vi)), v, chunk
             )
+            return out if sample_axis is None else _parallel.gather_samples(out, sample_axis)
 
         if antithetic:
             plus, minus = shifted(1.0), shifted(-1.0)
@@ -88,7 +104,8 @@ def sharpness_term(
             losses = shifted(1.0)
             delta = 2.0 * (losses - base) / rho**2
         r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, draw.d, with_stats=False)
-        return strength * rho**2 * r.value.astype(base.dtype), losses
+        value = strength * rho**2 * r.value.astype(base.dtype)
+        return _parallel.pmean(value, sample_axis), losses
 
     return term
 
@@ -106,6 +123,7 @@ def sharpness_aware_loss(
     chunk_size: int | None = None,
     has_aux: bool = False,
     axis_name: str | None = None,
+    sample_axis: str | None = None,
 ) -> Callable[..., Any]:
     """The (φ, ψ, μ)-sharpness-aware loss (eq. 10, with docs/conventions.md's factor 2).
 
@@ -147,6 +165,10 @@ def sharpness_aware_loss(
         out"). Average its gradient over the axis (``jax.lax.pmean``) as for any loss under
         ``pmap``; under ``shard_map`` with ``check_vma=True`` that ``pmean`` is the
         identity. The key must be the same on every device. ``aux`` stays per device.
+      sample_axis: spread the ``num_samples`` perturbations over this mapped axis (a mesh
+        axis of ``jax.shard_map``, or ``jax.pmap``'s axis): each device evaluates
+        ``num_samples/N`` of them (N must divide the number of draws), the same draws as on
+        one device with the same key. ``pmean`` the gradient over this axis too.
 
     Returns:
       ``objective(params, *args, key)`` returning the scalar (or ``(scalar, aux)``); pure,
@@ -182,6 +204,7 @@ def sharpness_aware_loss(
         adaptive=adaptive,
         eta=eta,
         chunk_size=chunk_size,
+        sample_axis=sample_axis,
     )
 
     def objective(params: PyTree, *args: Any, key: jax.Array) -> Any:

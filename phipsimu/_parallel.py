@@ -133,3 +133,35 @@ def local_gradient(fn: Any, x: list, axis_name: str) -> list:
 def local_value_and_grad(fn: Any, x: list, axis_name: str) -> tuple[Any, list]:
     """:func:`local_gradient` with the device's own value ``fn(x)``."""
     return jax.value_and_grad(fn)(to_varying(x, axis_name))
+
+
+# ---------------------------------------------------------------- samples sharded over an axis
+
+
+def sample_block(axis_name: str, num: int, what: str) -> tuple[int, jax.Array]:
+    """``(size, start)`` of this device's block of ``num`` samples spread over ``axis_name``.
+
+    Raises:
+      ValueError: ``axis_name`` not bound, or ``num`` not divisible by its size (``what``
+        names the parameter and its value in the message).
+    """
+    n = axis_size(axis_name, "sample_axis")
+    if num % n:
+        raise ValueError(
+            f"{what}: the {num} perturbations must split evenly over the {n} devices of "
+            f"sample_axis={axis_name!r}; use a multiple of {n}"
+        )
+    size = num // n
+    return size, jax.lax.axis_index(axis_name) * size
+
+
+def take_block(tree: PyTree, start: jax.Array, size: int) -> PyTree:
+    """Rows ``start .. start + size`` of the leading axis of every leaf."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), tree
+    )
+
+
+def gather_samples(x: jax.Array, axis_name: str) -> jax.Array:
+    """Every device's block of per-sample values, concatenated in sample order."""
+    return jax.lax.all_gather(x, axis_name, tiled=True)

@@ -248,6 +248,7 @@ def sharpness_aware(
     chunk_size: int | None = None,
     axis_name: str | None = None,
     sync: bool = True,
+    sample_axis: str | None = None,
     mask: Any = None,
     skip_nonfinite: bool = True,
     has_aux: bool = False,
@@ -268,6 +269,10 @@ def sharpness_aware(
         ``num_samples`` is fixed by ``init`` (it sets the state's shapes).
       seed: seed of the perturbation key, ``0 <= seed < 2**63``.
       axis_name, sync: data-parallel behaviour (module docs).
+      sample_axis: spread the perturbations over this mapped axis (``shard_map``/``pmap``):
+        each device evaluates ``num_samples/N`` of the same draws as one device, and every
+        device returns the single-device update (as in
+        :func:`phipsimu.sharpness_aware_loss`).
       mask: which leaves are perturbed and get the sharpness term's gradient (a pytree of
         bools shaped like params, or a callable ``params -> mask``, as in ``optax.masked``),
         on top of ``measure.mu``'s own mask; the other leaves' updates pass through.
@@ -314,6 +319,7 @@ def sharpness_aware(
             adaptive=adaptive,
             eta=eta,
             chunk_size=chunk_size,
+            sample_axis=sample_axis,
         )
 
     # optax.inject_hyperparams turns an int num_samples into a hyperparameter that is traced
@@ -373,6 +379,7 @@ def sharpness_aware(
 
         (value, (base, losses)), grad = jax.value_and_grad(objective, has_aux=True)(x)
         grad, base, losses = _parallel.pmean((grad, base, losses), axis_name)
+        grad = _parallel.pmean(grad, sample_axis)
         ok = _all_finite([value, *grad])
         new = _emit(
             updates,
@@ -503,6 +510,7 @@ def frobenius_sam(
     antithetic: bool = False,
     axis_name: str | None = None,
     sync: bool = True,
+    sample_axis: str | None = None,
     mask: Any = None,
     skip_nonfinite: bool = True,
     has_aux: bool = False,
@@ -525,6 +533,7 @@ def frobenius_sam(
         seed=seed,
         axis_name=axis_name,
         sync=sync,
+        sample_axis=sample_axis,
         mask=mask,
         skip_nonfinite=skip_nonfinite,
         has_aux=has_aux,
@@ -539,6 +548,7 @@ def random_sam(
     antithetic: bool = False,
     axis_name: str | None = None,
     sync: bool = True,
+    sample_axis: str | None = None,
     mask: Any = None,
     skip_nonfinite: bool = True,
     has_aux: bool = False,
@@ -559,6 +569,7 @@ def random_sam(
         seed=seed,
         axis_name=axis_name,
         sync=sync,
+        sample_axis=sample_axis,
         mask=mask,
         skip_nonfinite=skip_nonfinite,
         has_aux=has_aux,

@@ -261,6 +261,75 @@ def check_fsdp(mesh):
 FSDP_TRANSFORMS = ("sam", "asam", "frobenius", "random_sam")
 
 
+def sample_sharded(sample_axis):
+    """Sample-sharded transforms, objective gradient and estimator, as a function of
+    (params, states, x, y, key); the batch is the same on every device."""
+    ms = phipsimu.measures
+    kw = {"rho": 0.05, "num_samples": 16, "sample_axis": sample_axis}
+    txs = {
+        "trace": phipsimu.sharpness_aware(ms.trace(), **kw),
+        "frobenius": phipsimu.sharpness_aware(ms.frobenius(), adaptive=True, **kw),
+        "random_sam antithetic": phipsimu.random_sam(antithetic=True, **kw),
+    }
+    obj = phipsimu.sharpness_aware_loss(loss, ms.frobenius(), **kw)
+    est = phipsimu.sharpness(loss, ms.frobenius(), num_samples=16, sample_axis=sample_axis)
+
+    def run(params, states, x, y, key):
+        out = {name: step(tx, params, states[name], x, y)[0] for name, tx in txs.items()}
+        grad = jax.grad(obj)(params, x, y, key=key)
+        out["sharpness_aware_loss"] = (
+            grad if sample_axis is None else jax.lax.pmean(grad, sample_axis)
+        )
+        e = est(params, x, y, key=key)
+        out["sharpness"] = (e.value, e.stderr)
+        return out
+
+    return run, txs
+
+
+def check_samples(mesh):
+    """Perturbations spread over 8 devices: the same draws and answer as on one device."""
+    n = mesh.size
+    params = init_mlp(jax.random.key(0))
+    x, y = data()
+    key = jax.random.key(5)
+    run1, txs = sample_sharded(None)
+    states = {name: tx.init(params) for name, tx in txs.items()}
+    want = jax.jit(run1)(params, states, x, y, key)
+    runs, _ = sample_sharded("samples")
+    samples = jax.sharding.Mesh(mesh.devices, ("samples",), (jax.sharding.AxisType.Auto,))
+
+    def compare(mode, got):
+        for name in want:
+            assert_close(f"samples {name} {mode}", got[name], want[name])
+
+    # pmap needs one mapped argument: the device index, unused
+    pmapped = jax.pmap(lambda i, *a: runs(*a), axis_name="samples", in_axes=(0,) + (None,) * 5)
+    out = pmapped(jnp.arange(n), params, states, x, y, key)
+    compare("pmap device 7", replicas(out)[n - 1])
+    for check_vma in (True, False):
+        fn = jax.shard_map(
+            lambda *a: jax.tree_util.tree_map(lambda t: t[None], runs(*a)),
+            mesh=samples,
+            in_specs=P(),
+            out_specs=P("samples"),
+            check_vma=check_vma,
+        )
+        out = replicas(jax.jit(fn)(params, states, x, y, key))
+        for k in (0, n - 1):
+            compare(f"shard_map check_vma={check_vma} device {k}", out[k])
+    bad = phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=12, sample_axis="samples")
+    try:
+        jax.pmap(lambda i: bad(params, x, y, key=key).value, axis_name="samples")(jnp.arange(n))
+    except ValueError as err:
+        assert "num_samples=12: the 12 perturbations must split evenly over the 8 devices" in str(
+            err
+        ), err
+        print("ok samples: num_samples not divisible is a clear error")
+    else:
+        raise AssertionError("num_samples=12 on 8 devices: no error")
+
+
 def readme_blocks():
     """The python blocks of the README's "Scaling out" section: the step, sharded jit,
     shard_map/pmap, several hosts."""

@@ -45,7 +45,7 @@ MODES = (
 @pytest.fixture(scope="module")
 def eight_devices() -> str:
     """One subprocess with 8 simulated devices runs every multi-device check."""
-    return run_check("transforms", "estimators", "recipes", "fsdp")
+    return run_check("transforms", "estimators", "recipes", "fsdp", "samples")
 
 
 def test_transforms_match_single_device_on_8_devices(eight_devices):
@@ -69,6 +69,22 @@ def test_fsdp_params_stay_sharded_on_8_devices(eight_devices):
     for name in ("sam", "asam", "frobenius", "random_sam"):
         assert f"ok {name} fsdp:" in eight_devices
         assert f"ok {name} fsdp shardings kept" in eight_devices
+
+
+def test_samples_sharded_over_8_devices_match_one_device(eight_devices):
+    """The same key gives the same perturbations and answer with m/8 of them per device."""
+    for mode in MODES[:3]:
+        for name in ("trace", "frobenius", "random_sam antithetic", "sharpness_aware_loss"):
+            assert f"ok samples {name} {mode}" in eight_devices
+        assert f"ok samples sharpness {mode}" in eight_devices
+    assert "ok samples: num_samples not divisible is a clear error" in eight_devices
+
+
+def test_sample_axis_must_be_a_str():
+    with pytest.raises(TypeError, match=r"sample_axis=1: must be a str"):
+        phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=4, sample_axis=1)
+    with pytest.raises(TypeError, match=r"sample_axis=1: must be a str"):
+        phipsimu.random_sam(rho=0.1, num_samples=4, sample_axis=1)
 
 
 def free_port() -> int:

@@ -330,6 +330,44 @@ def check_samples(mesh):
         raise AssertionError("num_samples=12 on 8 devices: no error")
 
 
+def check_m_sharpness(mesh):
+    """sync=False (m-sharpness): per-device perturbations, replicas still equal."""
+    n = mesh.size
+    params = init_mlp(jax.random.key(0))
+    x, y = data()
+    ms = phipsimu.measures
+    kw = {"rho": 0.05, "axis_name": AXIS, "sync": False}
+    txs = {
+        "sam": phipsimu.sam(**kw),
+        "frobenius": phipsimu.sharpness_aware(ms.frobenius(), num_samples=4, **kw),
+    }
+    states = {name: tx.init(params) for name, tx in txs.items()}
+
+    def run(*a):
+        return step_all(txs, *a, a[-1])
+
+    shards = [a.reshape(n, -1, a.shape[-1]) for a in (x, y)]
+    out = jax.pmap(run, axis_name=AXIS, in_axes=(None, None, 0, 0))(params, states, *shards)
+    sharded = [jax.device_put(a, NamedSharding(mesh, P(AXIS))) for a in (x, y)]
+    fn = jax.shard_map(
+        lambda *a: jax.tree_util.tree_map(lambda t: t[None], run(*a)),
+        mesh=mesh,
+        in_specs=(P(), P(), P(AXIS), P(AXIS)),
+        out_specs=P(AXIS),
+        check_vma=False,
+    )
+    for mode, got in (("pmap", out), ("shard_map", jax.jit(fn)(params, states, *sharded))):
+        reps = replicas(got)
+        for name in txs:
+            for k in range(1, n):
+                assert_close(
+                    f"sync=False {name} {mode} device {k} = device 0",
+                    reps[k][name],
+                    reps[0][name],
+                    tol=1e-6,
+                )
+
+
 def readme_blocks():
     """The python blocks of the README's "Scaling out" section: the step, sharded jit,
     shard_map/pmap, several hosts."""

@@ -45,13 +45,20 @@ MODES = (
 @pytest.fixture(scope="module")
 def eight_devices() -> str:
     """One subprocess with 8 simulated devices runs every multi-device check."""
-    return run_check("transforms", "estimators", "recipes", "fsdp", "samples")
+    return run_check("transforms", "m_sharpness", "estimators", "recipes", "fsdp", "samples")
 
 
 def test_transforms_match_single_device_on_8_devices(eight_devices):
     for mode in MODES:
         for name in ("sam", "asam", "frobenius_sam", "random_sam", "determinant", "eigen_moment2"):
             assert f"ok {name} {mode}" in eight_devices
+
+
+def test_m_sharpness_replicas_stay_equal_on_8_devices(eight_devices):
+    """sync=False: per-device perturbations, and still the same update on every device."""
+    for mode in ("pmap", "shard_map"):
+        for name in ("sam", "frobenius"):
+            assert f"ok sync=False {name} {mode} device 7 = device 0" in eight_devices
 
 
 def test_objective_and_estimators_match_single_device_on_8_devices(eight_devices):

@@ -87,6 +87,12 @@ def test_samples_sharded_over_8_devices_match_one_device(eight_devices):
     assert "ok samples: num_samples not divisible is a clear error" in eight_devices
 
 
+def test_unbound_sample_axis_is_a_clear_error():
+    est = phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=4, sample_axis="s")
+    with pytest.raises(ValueError, match=r"sample_axis='s': this axis is not bound"):
+        est(jnp.ones(3), jnp.ones((4, 3)), key=jax.random.key(0))
+
+
 def test_sample_axis_must_be_a_str():
     with pytest.raises(TypeError, match=r"sample_axis=1: must be a str"):
         phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=4, sample_axis=1)

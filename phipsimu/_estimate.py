@@ -185,27 +185,33 @@ def sharpness(
         )
         return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
-    def _certify_finite(est, theta, tol, singular, groups):
-        # Product densities (Theorem 1): finite when H is positive definite (f <= 1). With
-        # more than G negative eigenvalues (G groups), every principal submatrix left after
-        # zeroing one coordinate per group is indefinite (Cauchy interlacing), f = 1 on that
-        # subspace and the integral is infinite: S = 0. θ_{G+1} < −tol proves it.
-        indefinite = theta[0] < -tol
-        divergent = theta[groups] < -tol if theta.shape[0] > groups else jnp.zeros((), bool)
-        unverified = indefinite | singular
-        value = jnp.where(divergent, 0.0, est.value)
-        log_value = jnp.where(divergent, -jnp.inf, est.log_value)
-        stderr = jnp.where(divergent, 0.0, est.stderr)
-        status = (
-            est.status
-            | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
-            | _diagnostics.flag(singular, Status.SINGULAR)
-            | _diagnostics.flag(divergent, Status.DIVERGENT)
-            | _diagnostics.flag(unverified & ~divergent, Status.NOT_VERIFIED_FINITE)
-        )
-        return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
-
     return estimate
+
+
+def _certify_finite(
+    est: Estimate, theta: jax.Array, tol: Any, singular: jax.Array, groups: int
+) -> Estimate:
+    """Status and value of a product-density measure from the ascending eigenvalues or Ritz
+    values θ of the measured operator (docs/conventions.md, section "Product-density
+    integrals")."""
+    # Product densities (Theorem 1): finite when H is positive definite (f <= 1). With
+    # more than G negative eigenvalues (G groups), every principal submatrix left after
+    # zeroing one coordinate per group is indefinite (Cauchy interlacing), f = 1 on that
+    # subspace and the integral is infinite: S = 0. θ_{G+1} < −tol proves it.
+    indefinite = theta[0] < -tol
+    divergent = theta[groups] < -tol if theta.shape[0] > groups else jnp.zeros((), bool)
+    unverified = indefinite | singular
+    value = jnp.where(divergent, 0.0, est.value)
+    log_value = jnp.where(divergent, -jnp.inf, est.log_value)
+    stderr = jnp.where(divergent, 0.0, est.stderr)
+    status = (
+        est.status
+        | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
+        | _diagnostics.flag(singular, Status.SINGULAR)
+        | _diagnostics.flag(divergent, Status.DIVERGENT)
+        | _diagnostics.flag(unverified & ~divergent, Status.NOT_VERIFIED_FINITE)
+    )
+    return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
 
 def exact_sharpness(
@@ -224,7 +230,8 @@ def exact_sharpness(
     coordinates, with ``stderr = 0``. Given an operator, its dense matrix is formed from d
     matrix-vector products with the identity's columns. Otherwise the integral is estimated by
     Monte Carlo with ``num_samples`` draws on the dense quadratic form (no HVPs), with its
-    standard error.
+    standard error; for measures that may diverge (``invariant_gaussian``) the eigenvalues of
+    the dense matrix then decide ``Estimate.status`` as in :func:`sharpness`.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar`` (its Hessian), or a curvature operator
@@ -292,6 +299,12 @@ def exact_sharpness(
         draw = measure.mu.draw(key, params, num_samples, adaptive=adaptive)
         vmat = jax.vmap(lambda *v: ravel_pytree(list(v))[0])(*draw.active())
         q = jnp.einsum("id,de,ie->i", vmat, h, vmat)
-        return _measure.reduce(measure, q.astype(draw.log_weight.dtype), draw.log_weight, d)
+        est = _measure.reduce(measure, q.astype(draw.log_weight.dtype), draw.log_weight, d)
+        if not measure.may_diverge:
+            return est
+        eigs = jnp.linalg.eigvalsh(h).astype(est.value.dtype)
+        tol = d * jnp.finfo(eigs.dtype).eps * jnp.max(jnp.abs(eigs))
+        groups = len(measure.mu.group_index(params, perturbed)[1])
+        return _certify_finite(est, eigs, tol, jnp.abs(eigs[0]) <= tol, groups)
 
     return evaluate

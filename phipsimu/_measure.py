@@ -552,7 +552,7 @@ def invariant_gaussian(
     number. When H is indefinite or singular without that proof the integral may be finite
     or not (on Example 1's manifold H is singular and the integral is finite) and the value
     comes with ``Status.NOT_VERIFIED_FINITE``. No closed form exists: ``exact_sharpness``
-    estimates it on the dense Hessian (needs a key) without this check.
+    estimates it on the dense Hessian (needs a key) with the same check on its eigenvalues.
 
     Args:
       scale: σ of the equivariant proposal. σ = 1 matches Example 1 (ESS ≈ 63% of draws).

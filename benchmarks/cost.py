@@ -73,9 +73,9 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 range=c.ratio_range(t[f"probe{m}"], t["grad"], m),
                 goal=("<=", 1.5),
                 unit="gradients",
-                cause="consistent across repeats, so not the load: a probe is a second "
-                "directional derivative (nested JVPs through the loss), which costs more than "
-                "the goal allows relative to one reverse-mode gradient on this model",
+                cause="every repeat misses the goal; a probe is a second directional "
+                "derivative (nested JVPs through the loss), compared with one reverse-mode "
+                "gradient",
             )
         )
     out.append(
@@ -86,7 +86,8 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
             range=c.ratio_range(t["hutchinson"], t["grad"], hutch_m),
             goal=("<=", 1.5),
             unit="gradients",
-            cause="as for `sharpness`: one HVP per probe",
+            cause="every repeat misses the goal; one Hessian-vector product "
+            "(forward-over-reverse) per probe",
         )
     )
     out.append(
@@ -118,9 +119,9 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 c.median_ratio(t[f"eq10_{m}"], t["sgd"], m + 1),
                 range=c.ratio_range(t[f"eq10_{m}"], t["sgd"], m + 1),
                 goal=("<=", 1.25),
-                cause="consistent across repeats, so not the load: the m perturbed losses "
-                "are differentiated in reverse mode through a chunked map, which costs more "
-                "than m separate gradients here",
+                cause="every repeat misses the goal (on a loaded machine that can still be "
+                "load); the m perturbed losses are differentiated in reverse mode through a "
+                "chunked map rather than as m separate gradients",
             )
         )
     if isinstance(peers, dict):

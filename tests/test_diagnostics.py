@@ -149,7 +149,7 @@ def test_invariant_gaussian_flags_a_divergent_integral_on_a_relu_net():
     )
     assert est.status & Status.DIVERGENT
     assert float(est.value) == 0.0 and float(est.log_value) == -np.inf
-    dense = phipsimu.exact_sharpness(_relu_loss, measure, num_samples=64)
+    dense = jax.jit(phipsimu.exact_sharpness(_relu_loss, measure, num_samples=64))
     assert dense(params, x, y, key=jax.random.key(1)).status & Status.DIVERGENT
     # at a positive definite point it is verified finite and reports nothing
     loss, x0 = _quadratic([1.0, 2.0, 3.0])

@@ -340,7 +340,8 @@ class LinearOperator(Operator):
             full = _tree.unsplit(params, perturbed, v)
             return _tree.active(self.matvec_fn(params, full, *args), perturbed)
 
-        if self.quadratic_form_fn is None:
+        quadratic_form_fn = self.quadratic_form_fn
+        if quadratic_form_fn is None:
 
             def quad(v: list) -> jax.Array:
                 return _tree.vdot(v, matvec(v))
@@ -349,7 +350,7 @@ class LinearOperator(Operator):
 
             def quad(v: list) -> jax.Array:
                 full = _tree.unsplit(params, perturbed, v)
-                return self.quadratic_form_fn(params, full, *args)
+                return quadratic_form_fn(params, full, *args)
 
         return Restricted(matvec, quad)
 

@@ -282,7 +282,7 @@ def exact_sharpness(
                     measure.spectral(eigs) if measure.spectral is not None else jnp.exp(log_value)
                 )
             else:
-                value = measure.spectral(eigs)
+                value = measure.spectral(eigs)  # type: ignore[misc]  # checked when built
                 log_value = jnp.log(value)
             est = _measure.closed_form(value, log_value, h.dtype)
             if measure.requires_positive_definite:

@@ -200,7 +200,7 @@ class VolumeFactor(NamedTuple):
     log_value: jax.Array
 
 
-def _diagonal(params: PyTree, transform: Callable[[PyTree], PyTree], perturbed: list[bool]):
+def _diagonal(params: PyTree, transform: Callable[[PyTree], PyTree], perturbed: Sequence[bool]):
     """The diagonal of D as leaves (None for leaves not perturbed) if ``transform`` acts on
     ``params`` as a diagonal linear map, else None."""
     ones = jax.tree_util.tree_map(
@@ -208,9 +208,10 @@ def _diagonal(params: PyTree, transform: Callable[[PyTree], PyTree], perturbed: 
     )
     diag = transform(ones)
     image = transform(params)
-    if jax.tree_util.tree_structure(diag) != jax.tree_util.tree_structure(params):
+    structure: Any = jax.tree_util.tree_structure(diag)
+    if structure != jax.tree_util.tree_structure(params):
         return None
-    out = []
+    out: list[Any] = []
     for x, dx, tx, p in zip(
         jax.tree_util.tree_leaves(params),
         jax.tree_util.tree_leaves(diag),
@@ -391,7 +392,7 @@ def check_invariance(
     z_max = _checks.real("z_max", z_max, lo=0.0, strict=True)
 
     new_params = transform(params)
-    old_struct = jax.tree_util.tree_structure(params)
+    old_struct: Any = jax.tree_util.tree_structure(params)
     new_struct = jax.tree_util.tree_structure(new_params)
     if new_struct != old_struct:
         raise ValueError(

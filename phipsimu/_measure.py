@@ -92,7 +92,10 @@ class Measure:
 
     def apply_log_phi(self, log_t: Any, d: int) -> jax.Array:
         """log φ as a function of log t."""
-        return self.log_phi(log_t, d) if self.phi_uses_dim else self.log_phi(log_t)
+        log_phi = self.log_phi
+        if log_phi is None:
+            raise ValueError(f"{self.name}: no log_phi, the reduction is not in log space")
+        return log_phi(log_t, d) if self.phi_uses_dim else log_phi(log_t)
 
 
 def check_measure(measure: Any) -> Measure:
@@ -233,7 +236,7 @@ def reduce(
         # a probe with vᵀHv <= 0 proves H is not positive definite
         status = status | _diagnostics.flag(jnp.any(t <= 0), Status.NOT_POSITIVE_DEFINITE)
     if measure.log_space:
-        ell = log_weight + measure.log_psi(t)
+        ell = log_weight + measure.log_psi(t)  # type: ignore[misc]  # log_space: both set
         log_mean = jax.scipy.special.logsumexp(ell) - math.log(m)
         log_value = measure.apply_log_phi(log_mean, d)
         value = jnp.exp(log_value)
@@ -393,10 +396,10 @@ def gaussian_moments(eigs: jax.Array, n: int) -> jax.Array:
     Uses the cumulants ``κ_k = 2^{k−1}(k−1)! Tr(H^k)`` and the moment recursion
     ``m_n = Σ_k C(n−1, k−1) κ_k m_{n−k}``.
     """
-    kappa = [None] + [
+    kappa: list[Any] = [None] + [
         2.0 ** (k - 1) * math.factorial(k - 1) * jnp.sum(eigs**k) for k in range(1, n + 1)
     ]
-    moments = [jnp.ones((), eigs.dtype)]
+    moments: list[Any] = [jnp.ones((), eigs.dtype)]
     for j in range(1, n + 1):
         moments.append(
             sum(math.comb(j - 1, k - 1) * kappa[k] * moments[j - k] for k in range(1, j + 1))

@@ -119,7 +119,7 @@ class Sampler:
         _checks.check_key(key)
         if adaptive:
             like = jax.tree_util.tree_map(jnp.ones_like, like)
-        num = _checks.integer("num", num, lo=1)
+        _checks.integer("num", num, lo=1)
         perturbed = self.perturbed(like)
         d = _tree.dim(like, perturbed)
         if d == 0:
@@ -240,7 +240,12 @@ def probe_sampler(probes: Any, mask: Any, allowed: tuple[str, ...] = PROBES) -> 
     ``allowed``), on the leaves selected by ``mask``."""
     if probes not in allowed:
         raise ValueError(f"probes={probes!r}: must be one of {allowed}")
-    return {"rademacher": rademacher, "gaussian": gaussian, "sphere": sphere}[probes](mask=mask)
+    factories: dict[str, Callable[..., Sampler]] = {
+        "rademacher": rademacher,
+        "gaussian": gaussian,
+        "sphere": sphere,
+    }
+    return factories[probes](mask=mask)
 
 
 def lebesgue(*, scale: float | None = 1.0, mask: Any = None) -> Lebesgue:
@@ -394,6 +399,7 @@ class ProductDensity(Sampler):
     scale: float = 1.0
     groups: Any = None
     eps: float = DEFAULT_EPS
+    _sign_free: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

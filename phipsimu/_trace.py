@@ -211,6 +211,7 @@ def hessian_trace(
             bar = _curvature.progress_bar(progress and batches is not None, sweeps, method)
             bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk, bar)
             vs, c = draw.active(), (1.0 / d if probes == "sphere" else 1.0)
+            low: Any
             if method == "hutchinson":
                 samples, low = _hutchinson(bound, vs, c), 0.0
             elif method == "hutch++":
@@ -321,6 +322,7 @@ def hessian_diagonal(
             value = _tree.unsplit(params, perturbed, diag)
             dtype = _tree.float_dtype(params, perturbed)
             return _measure.closed_form(value, jax.tree.map(jnp.log, value), dtype)
+        assert num_samples is not None  # checked when the estimator was built
         draw = _mu.rademacher(mask=mask).draw(key, params, num_samples)
         bar = _curvature.progress_bar(progress and batches is not None, 1, "diagonal")
         bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk_size, bar)

@@ -9,6 +9,7 @@ tuple of bools, one per leaf of ``params``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +47,7 @@ def perturbed_leaves(params: PyTree, mask: MaskLike = None) -> Perturbed:
         return tuple(is_float_leaf(x) for x in leaves)
     m = mask(params) if callable(mask) else mask
     try:
-        m_leaves = treedef.flatten_up_to(m)
+        m_leaves = treedef.flatten_up_to(m)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"mask: its structure {jax.tree_util.tree_structure(m)} does not match the params "
@@ -134,7 +135,7 @@ def block_masks(params: PyTree, blocks: Any) -> dict[Any, PyTree]:
     labels = blocks(params) if callable(blocks) else blocks
     treedef = jax.tree_util.tree_structure(params)
     try:
-        label_leaves = treedef.flatten_up_to(labels)
+        label_leaves = treedef.flatten_up_to(labels)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"blocks: its structure does not match the params structure {treedef}; pass a "
@@ -244,12 +245,12 @@ def _zeros_dtype(x: Any) -> Any:
 
 def batched_sq_norm(v: PyTree, perturbed: Perturbed) -> jax.Array:
     """Per-sample squared norm over perturbed leaves of a pytree with a leading sample axis."""
-    total = None
-    for x, p in zip(jax.tree_util.tree_leaves(v), perturbed):
-        if p:
-            s = jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
-            total = s if total is None else total + s
-    return total
+    terms = [
+        jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
+        for x, p in zip(jax.tree_util.tree_leaves(v), perturbed)
+        if p
+    ]
+    return functools.reduce(jnp.add, terms)
 
 
 def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:

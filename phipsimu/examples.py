@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 #: Datasets that ship inside scikit-learn (nothing is downloaded).
 DATASETS = ("digits", "breast_cancer", "wine")
@@ -114,18 +115,18 @@ def init_mlp(key: jax.Array, sizes: Sequence[int], *, gain: float = 2.0) -> list
     return params
 
 
-def mlp_apply(params: Sequence[dict[str, Any]], x: jax.Array) -> jax.Array:
+def mlp_apply(params: Sequence[dict[str, Any]], x: ArrayLike) -> jax.Array:
     """Logits of the ReLU MLP built by :func:`init_mlp`."""
     for layer in params[:-1]:
         x = jax.nn.relu(x @ layer["w"] + layer["b"])
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
-def cross_entropy(params: Sequence[dict[str, Any]], x: jax.Array, y: jax.Array) -> jax.Array:
+def cross_entropy(params: Sequence[dict[str, Any]], x: ArrayLike, y: ArrayLike) -> jax.Array:
     """Mean softmax cross-entropy of :func:`mlp_apply` on integer labels ``y``."""
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), y))
 
 
-def accuracy(params: Sequence[dict[str, Any]], x: jax.Array, y: jax.Array) -> jax.Array:
+def accuracy(params: Sequence[dict[str, Any]], x: ArrayLike, y: ArrayLike) -> jax.Array:
     """Share of examples whose largest logit is the label."""
     return jnp.mean(jnp.argmax(mlp_apply(params, x), -1) == y)

@@ -1,5 +1,16 @@
 """Shared fixtures: small models whose Hessians are known or cheap to form densely."""
 
+import os
+
+# Compile for speed: the suite compiles many small programs and runs each a few times, so
+# XLA's backend optimisation passes cost more than they save (demo --quick, 1 seed, 3 methods:
+# 24 → 13 CPU-seconds on the 2-core test machine). Set before JAX starts its backend;
+# subprocesses (CLI, notebooks, multi-device checks) inherit it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1"
+    ).strip()
+
 import jax
 import jax.numpy as jnp
 import numpy as np

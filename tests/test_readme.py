@@ -1,0 +1,37 @@
+"""The README's two commands are what CI runs, and the test command is the one CI runs after
+installing exactly as the README says."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, re.S)[:2]]
+
+
+def test_readme_opens_with_install_demo_and_test_commands():
+    demo, test = readme_commands()
+    assert demo == 'pip install -e ".[examples]" && phipsimu demo'
+    assert test.startswith('pip install -e ".[dev]" && pytest')
+
+
+def test_ci_runs_the_readme_test_command():
+    lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert lines[-1] == readme_commands()[1]
+
+
+def test_readme_test_command_uses_installed_tools():
+    """``pytest -n`` needs pytest-xdist: it must be in the dev extra the command installs."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    dev = re.search(r"^dev = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
+    if " -n " in readme_commands()[1] + " ":
+        assert "pytest-xdist" in dev
+    for tool in ("mypy", "pdoc", "ruff", "nbclient", "chex"):
+        assert tool in dev, tool

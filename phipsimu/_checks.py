@@ -96,7 +96,7 @@ def _raw_key_shape(impl: str) -> tuple[int, ...]:
 def raw_key_shape() -> tuple[int, ...]:
     """The shape of a raw ``uint32`` key of the default PRNG implementation
     (``jax_default_prng_impl``: ``(2,)`` for threefry, ``(4,)`` for rbg)."""
-    return _raw_key_shape(str(jax.config.jax_default_prng_impl))
+    return _raw_key_shape(str(jax.config.jax_default_prng_impl))  # type: ignore[attr-defined]
 
 
 def check_key(key: Any, name: str = "key") -> None:

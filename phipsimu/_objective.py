@@ -32,7 +32,9 @@ def sharpness_term(
     eta: Any,
     chunk_size: Any,
     sample_axis: str | None = None,
-) -> Callable[[Callable[[PyTree], jax.Array], PyTree, jax.Array, jax.Array], jax.Array]:
+) -> Callable[
+    [Callable[[PyTree], jax.Array], PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]
+]:
     """Validate the configuration once and return ``term(value_fn, params, base, key)``, the
     weighted sharpness term ``s·ρ² φ(mean_i w_i ψ(Δ_i))`` shared by the loss and the optax
     transforms, with the perturbed losses it used: ``(value, perturbed_losses)``, the losses of

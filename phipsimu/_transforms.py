@@ -121,7 +121,7 @@ def _check_updates(updates: PyTree, params: PyTree, perturbed: tuple[bool, ...])
     this transform changes), or one leaf's term would land on another."""
     if any(map(_is_masked_node, jax.tree_util.tree_leaves(updates, is_leaf=_is_masked_node))):
         raise ValueError(_MASKED_NODE_MESSAGE.replace("params", "updates", 1))
-    u_def = jax.tree_util.tree_structure(updates)
+    u_def: Any = jax.tree_util.tree_structure(updates)
     p_def = jax.tree_util.tree_structure(params)
     if u_def != p_def:
         raise ValueError(

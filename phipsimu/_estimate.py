@@ -137,7 +137,7 @@ def sharpness(
             n = min(check_iterations, draw.d)
             start = _mu.gaussian(mask=measure.mu.mask).draw(jax.random.fold_in(key, 1), params, 1)
             theta, tol = _krylov.ritz_certificate(measured, start.active(), n, dtype)
-        scale = measure.mu.scale if isinstance(measure.mu, _mu.Lebesgue) else None
+        scale: Any = measure.mu.scale if isinstance(measure.mu, _mu.Lebesgue) else None
         if auto_scale and check:
             # s² = 1/θ_min: twice the 1/(2λ_min) below which the weights have infinite
             # variance when θ_min = λ_min (n >= d); the Lebesgue draw was made at scale 1.
@@ -170,7 +170,8 @@ def sharpness(
                 flag = _diagnostics.flag(infinite & (theta[0] > tol), Status.INFINITE_VARIANCE)
                 est = est._replace(status=est.status | flag)
             return est
-        groups = len(measure.mu.group_index(params, draw.perturbed)[1])
+        product: Any = measure.mu  # a ProductDensity: the only other certified sampler
+        groups = len(product.group_index(params, draw.perturbed)[1])
         return _certify_finite(est, theta, tol, singular, groups)
 
     def _certify_definite(est, indefinite, singular):

@@ -170,8 +170,7 @@ def sharpness(
                 flag = _diagnostics.flag(infinite & (theta[0] > tol), Status.INFINITE_VARIANCE)
                 est = est._replace(status=est.status | flag)
             return est
-        product: Any = measure.mu  # a ProductDensity: the only other certified sampler
-        groups = len(product.group_index(params, draw.perturbed)[1])
+        groups = _num_groups(measure.mu, params, draw.perturbed)
         return _certify_finite(est, theta, tol, singular, groups)
 
     def _certify_definite(est, indefinite, singular):
@@ -305,7 +304,12 @@ def exact_sharpness(
             return est
         eigs = jnp.linalg.eigvalsh(h).astype(est.value.dtype)
         tol = d * jnp.finfo(eigs.dtype).eps * jnp.max(jnp.abs(eigs))
-        groups = len(measure.mu.group_index(params, perturbed)[1])
+        groups = _num_groups(measure.mu, params, perturbed)
         return _certify_finite(est, eigs, tol, jnp.abs(eigs[0]) <= tol, groups)
 
     return evaluate
+
+
+def _num_groups(mu: Any, params: PyTree, perturbed: Any) -> int:
+    """Number of product groups of a product-density sampler (the only divergent kind)."""
+    return len(mu.group_index(params, perturbed)[1])

@@ -52,7 +52,7 @@ def markdown(result: dict) -> str:
         f"Machine: {info['cpu_model']}, {info['cpu_cores']} cores, "
         f"backend {info['backend']} ({info['device_kind']}), "
         f"jax {info['jax']}, optax {info['optax']}"
-        + (f", torch {info['torch']} ({info['torch_threads']} threads)" if "torch" in info else "")
+        + (f", torch {info['torch']}" if "torch" in info else "")
         + f"; load average {info['load_average'][0]:.2f} before, "
         f"{result['load_average_after'][0]:.2f} after; {info['utc']} UTC.",
         "",
@@ -117,19 +117,23 @@ def update_readme(table: str, readme: Path = ROOT / "README.md") -> None:
 
 def merge(files: list[Path], out: Path, readme: bool) -> dict:
     """Combine result files: the first one's machine record, each suite from the last file
-    that ran it, and every command listed."""
+    that ran it (in the suites' order), every command listed and the highest load average."""
     results = [json.loads(f.read_text()) for f in files]
     owner = {}
     for i, r in enumerate(results):
         for f in r["figures"]:
             owner[f["suite"]] = i
     figures = [f for i, r in enumerate(results) for f in r["figures"] if owner[f["suite"]] == i]
+    order = ["cost", "peers", *SUITES]
+    figures.sort(key=lambda f: order.index(f["suite"]) if f["suite"] in order else len(order))
     first = results[0]
     result = {
         **first,
         "command": " ; ".join(r["command"] for r in results),
         "seconds": sum(r["seconds"] for r in results),
-        "load_average_after": results[-1]["load_average_after"],
+        "load_average_after": max(
+            (r["load_average_after"] for r in results), key=lambda load: load[0]
+        ),
         "merged_from": [str(f) for f in files],
         "figures": figures,
     }

@@ -107,14 +107,17 @@ def test_sharpness_aware_equals_grad_of_the_wrapped_loss(measure, antithetic):
 
 def test_nan_loss_gives_nan_updates_with_the_determinant():
     """At the minimum of a strictly convex loss every Δ > 0 and the update is finite; a NaN
-    loss, everywhere or only at some perturbed points, makes every coordinate NaN."""
+    loss, everywhere or only at some perturbed points, makes every coordinate NaN (with
+    ``skip_nonfinite=False``; by default such a step returns the incoming gradient)."""
     curv = jnp.array([1.0, 2.0, 3.0])
 
     def convex(p):
         return 0.5 * jnp.sum(curv * p**2) + jnp.sum(p**4)
 
     params, num = jnp.zeros(3), 4
-    tx = phipsimu.sharpness_aware(phipsimu.measures.determinant(), rho=0.1, num_samples=num)
+    tx = phipsimu.sharpness_aware(
+        phipsimu.measures.determinant(), rho=0.1, num_samples=num, skip_nonfinite=False
+    )
     v, _ = phipsimu.measures.determinant().mu.sample(step_keys(0, 1)[0], params, num)
     assert 0 < int(jnp.sum(v[:, 0] > 0)) < num  # the partly-NaN loss hits some probes only
     grads = jax.grad(convex)(params)
@@ -131,3 +134,6 @@ def test_nan_loss_gives_nan_updates_with_the_determinant():
     }
     assert np.all(np.isfinite(out["clean"]))
     assert np.all(np.isnan(out["everywhere"])) and np.all(np.isnan(out["partly"]))
+    skipping = phipsimu.sharpness_aware(phipsimu.measures.determinant(), rho=0.1, num_samples=num)
+    kept = skipping.update(grads, skipping.init(params), params, value_fn=fns["partly"])[0]
+    np.testing.assert_array_equal(kept, grads)

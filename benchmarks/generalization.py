@@ -424,20 +424,37 @@ def _floats(values: dict) -> dict:
     return {k: int(v) if k.endswith("_status") else float(v) for k, v in values.items()}
 
 
-def kendall(measure: np.ndarray, gap: np.ndarray, reps: int, rng) -> tuple[float, list]:
+def kendall(measure: np.ndarray, gap: np.ndarray, reps: int, rng) -> tuple[float | None, list]:
     """Kendall τ over the models where the measure is finite, with a 95% percentile bootstrap
-    interval (models resampled with replacement)."""
+    interval (models resampled with replacement); None when fewer than 3 are finite."""
     ok = np.isfinite(measure)
     m, g = measure[ok], gap[ok]
     if len(m) < 3:
-        return float("nan"), [float("nan"), float("nan")]
+        return None, [None, None]
     tau = stats.kendalltau(m, g).statistic
+    if not np.isfinite(tau):  # e.g. every finite value equal
+        return None, [None, None]
     boot = []
     for _ in range(reps):
         idx = rng.integers(0, len(m), len(m))
         boot.append(stats.kendalltau(m[idx], g[idx]).statistic)
     lo, hi = np.nanpercentile(boot, [2.5, 97.5])
-    return float(tau), [float(lo), float(hi)]
+    return _none_if_nan(tau), [_none_if_nan(lo), _none_if_nan(hi)]
+
+
+def _none_if_nan(x) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _fmt_num(x) -> str:
+    return "n/a" if x is None else f"{x:.2g}"
+
+
+def _fmt_tau(tau, ci) -> str:
+    if tau is None:
+        return "n/a"
+    lo, hi = ("?" if c is None else f"{c:+.2f}" for c in ci)
+    return f"{tau:+.2f} [{lo}, {hi}]"
 
 
 def run_correlation(cfg: dict, log) -> tuple[list[dict], list[dict]]:
@@ -502,7 +519,8 @@ def run_correlation(cfg: dict, log) -> tuple[list[dict], list[dict]]:
         ]
         tau, ci = kendall(a, gap, c["bootstrap"], rng)
         tau_r, ci_r = kendall(b, gap, c["bootstrap"], rng)
-        rel = np.abs(b - a) / np.maximum(np.abs(a), 1e-30)
+        with np.errstate(invalid="ignore"):  # -inf - -inf for divergent measures
+            rel = np.abs(b - a) / np.maximum(np.abs(a), 1e-30)
         rows.append(
             {
                 "measure": name,
@@ -513,7 +531,9 @@ def run_correlation(cfg: dict, log) -> tuple[list[dict], list[dict]]:
                 "finite_models": int(np.sum(np.isfinite(a))),
                 "finite_models_rescaled": int(np.sum(np.isfinite(b))),
                 "flagged_models": int(np.sum(flagged)),
-                "median_rel_change": float(np.nanmedian(rel[np.isfinite(rel)])),
+                "median_rel_change": float(np.median(rel[np.isfinite(rel)]))
+                if np.isfinite(rel).any()
+                else None,
             }
         )
     return rows, models
@@ -556,8 +576,8 @@ def figures(result: dict, out: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     pos = np.arange(len(corr))
     for off, key, label in ((-0.18, "tau", "original"), (0.18, "tau_rescaled", "rescaled")):
-        tau = np.asarray([r[key] for r in corr])
-        ci = np.asarray([r[key + "_ci95"] for r in corr])
+        tau = np.asarray([r[key] for r in corr], dtype=float)  # None -> nan
+        ci = np.asarray([r[key + "_ci95"] for r in corr], dtype=float)
         ax.bar(pos + off, tau, width=0.36, label=label)
         ax.errorbar(pos + off, tau, yerr=[tau - ci[:, 0], ci[:, 1] - tau], fmt="none", c="k")
     ax.axhline(0, c="k", lw=0.5)
@@ -603,12 +623,10 @@ def markdown_tables(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in result["correlation"]:
-        lo, hi = r["tau_ci95"]
-        lo_r, hi_r = r["tau_rescaled_ci95"]
         lines.append(
-            f"| {r['measure']} | {r['tau']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
-            f"{r['tau_rescaled']:+.2f} [{lo_r:+.2f}, {hi_r:+.2f}] | "
-            f"{r['median_rel_change']:.2g} | {r.get('flagged_models', '–')} / "
+            f"| {r['measure']} | {_fmt_tau(r['tau'], r['tau_ci95'])} | "
+            f"{_fmt_tau(r['tau_rescaled'], r['tau_rescaled_ci95'])} | "
+            f"{_fmt_num(r['median_rel_change'])} | {r.get('flagged_models', '–')} / "
             f"{r.get('finite_models_rescaled', '–')} |"
         )
     return "\n".join(lines) + "\n"
@@ -641,6 +659,13 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         result = json.loads((out / "generalization.json").read_text())
+        for row in result["correlation"]:  # older runs wrote NaN where τ is undefined
+            for key in ("tau", "tau_rescaled"):
+                row[key] = None if row[key] is None else _none_if_nan(row[key])
+                row[key + "_ci95"] = [
+                    None if c is None else _none_if_nan(c) for c in row[key + "_ci95"]
+                ]
+        (out / "generalization.json").write_text(json.dumps(result, indent=1))
         (out / "tables.md").write_text(markdown_tables(result))
         if not args.no_figures:
             figures(result, out)

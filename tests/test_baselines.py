@@ -10,6 +10,7 @@ draw through the public samplers, then differentiate a formula written out here.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import init_mlp, mlp_loss
 
@@ -105,35 +106,43 @@ def test_sharpness_aware_equals_grad_of_the_wrapped_loss(measure, antithetic):
         np.testing.assert_allclose(flat(out), flat(obj(params, key)), rtol=1e-5, atol=1e-6)
 
 
-def test_nan_loss_gives_nan_updates_with_the_determinant():
+def test_nan_loss_with_the_determinant_is_skipped_or_nan():
     """At the minimum of a strictly convex loss every Δ > 0 and the update is finite; a NaN
-    loss, everywhere or only at some perturbed points, makes every coordinate NaN (with
-    ``skip_nonfinite=False``; by default such a step returns the incoming gradient)."""
+    loss, everywhere or only at some perturbed points, makes every coordinate NaN with
+    ``skip_nonfinite=False`` and, by default, returns the incoming gradient and counts the step."""
     curv = jnp.array([1.0, 2.0, 3.0])
 
     def convex(p):
         return 0.5 * jnp.sum(curv * p**2) + jnp.sum(p**4)
 
     params, num = jnp.zeros(3), 4
-    tx = phipsimu.sharpness_aware(
-        phipsimu.measures.determinant(), rho=0.1, num_samples=num, skip_nonfinite=False
-    )
-    v, _ = phipsimu.measures.determinant().mu.sample(step_keys(0, 1)[0], params, num)
+    measure = phipsimu.measures.determinant(scale=1.0)
+    v, _ = measure.mu.sample(step_keys(0, 1)[0], params, num)
     assert 0 < int(jnp.sum(v[:, 0] > 0)) < num  # the partly-NaN loss hits some probes only
-    grads = jax.grad(convex)(params)
+    grads = jax.grad(convex)(params) + 0.5  # nonzero, so "returned unchanged" is visible
     fns = {
         "clean": convex,
         "everywhere": lambda p: convex(p) * jnp.nan,
         "partly": lambda p: jnp.where(p[0] > 0, jnp.nan, convex(p)),
     }
-    out = {
-        name: jax.jit(lambda g, s, p, fn=fn: tx.update(g, s, p, value_fn=fn)[0])(
-            grads, tx.init(params), params
-        )
-        for name, fn in fns.items()
-    }
-    assert np.all(np.isfinite(out["clean"]))
-    assert np.all(np.isnan(out["everywhere"])) and np.all(np.isnan(out["partly"]))
+    for skip in (False, True):
+        tx = phipsimu.sharpness_aware(measure, rho=0.1, num_samples=num, skip_nonfinite=skip)
+        out = {
+            name: jax.jit(lambda g, s, p, fn=fn, tx=tx: tx.update(g, s, p, value_fn=fn))(
+                grads, tx.init(params), params
+            )
+            for name, fn in fns.items()
+        }
+        clean, clean_state = out["clean"]
+        assert np.all(np.isfinite(clean)) and not np.allclose(clean, grads)
+        assert int(optax.tree.get(clean_state, "nonfinite_count")) == 0
+        for name in ("everywhere", "partly"):
+            updates, state = out[name]
+            if skip:
+                np.testing.assert_array_equal(updates, grads)
+                assert int(optax.tree.get(state, "nonfinite_count")) == 1
+            else:
+                assert np.all(np.isnan(updates)), name
     skipping = phipsimu.sharpness_aware(phipsimu.measures.determinant(), rho=0.1, num_samples=num)
     kept = skipping.update(grads, skipping.init(params), params, value_fn=fns["partly"])[0]
     np.testing.assert_array_equal(kept, grads)

@@ -271,6 +271,8 @@ def exact_sharpness(
         if d == 0:
             raise ValueError("params: no leaf is perturbed")
         h = _curvature.dense(op, params, args, batches, perturbed)
+        # float16/bfloat16 matrices are decomposed in float32 (there is no float16 eigh)
+        h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
         if adaptive:
             t = jnp.abs(ravel_pytree(_tree.active(params, perturbed))[0]) + eta
             h = t[:, None] * h * t[None, :]

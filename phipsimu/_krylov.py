@@ -63,8 +63,8 @@ class LanczosState(NamedTuple):
 
 def _lanczos_init(v: list, n: int) -> LanczosState:
     nrm = jnp.sqrt(_tree.sq_norm(v))
-    basis = [jnp.zeros((n + 1, *x.shape), x.dtype).at[0].set(x / nrm) for x in v]
-    dt = _tree.float_dtype(v)
+    basis = [jnp.zeros((n + 1, *x.shape), x.dtype).at[0].set((x / nrm).astype(x.dtype)) for x in v]
+    dt = _tree.accum_dtype(v)  # the tridiagonal in at least float32 (no float16 eigh)
     return LanczosState(basis, jnp.zeros((n,), dt), jnp.zeros((n,), dt), jnp.zeros((), int))
 
 
@@ -177,8 +177,8 @@ def power(op: Bound, v0: list, n: int) -> PowerState:
     """``n`` steps of ``v ← Cv/‖Cv‖`` from the block of starting vectors ``v0`` (each
     normalised first); the state holds each vector's last Rayleigh quotient and residual."""
     nrm = jnp.sqrt(_tree.sq_norm(v0))
-    v0 = [x / nrm for x in v0]
-    zero = jnp.zeros((1,), _tree.float_dtype(v0))
+    v0 = [(x / nrm).astype(x.dtype) for x in v0]
+    zero = jnp.zeros((1,), _tree.accum_dtype(v0))
     return iterate(op, _POWER_STEP, PowerState(v0, zero, zero, v0), n)
 
 

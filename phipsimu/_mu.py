@@ -150,7 +150,7 @@ class Sphere(Sampler):
         v = jax.tree_util.tree_map(
             lambda x: (x / norm.reshape((num,) + (1,) * (x.ndim - 1))).astype(x.dtype), g
         )
-        return v, jnp.zeros((num,), _tree.float_dtype(like, perturbed))
+        return v, jnp.zeros((num,), _tree.accum_dtype(like, perturbed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +164,7 @@ class Gaussian(Sampler):
             return (self.stddev * jax.random.normal(k, shape, dtype)).astype(dtype)
 
         v = _tree.random_like(key, like, perturbed, num, draw)
-        return v, jnp.zeros((num,), _tree.float_dtype(like, perturbed))
+        return v, jnp.zeros((num,), _tree.accum_dtype(like, perturbed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,7 @@ class Rademacher(Sampler):
             return jax.random.rademacher(k, shape, dtype)
 
         v = _tree.random_like(key, like, perturbed, num, draw)
-        return v, jnp.zeros((num,), _tree.float_dtype(like, perturbed))
+        return v, jnp.zeros((num,), _tree.accum_dtype(like, perturbed))
 
 
 @dataclasses.dataclass(frozen=True)

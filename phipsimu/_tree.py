@@ -176,10 +176,23 @@ def per_block(build: Callable[[Any], Callable], mask: Any, blocks: Any) -> Calla
 # ---------------------------------------------------------------- algebra (dtype-keeping)
 
 
+def accum_dtype(params: PyTree, perturbed: Perturbed | None = None) -> jnp.dtype:
+    """The dtype in which norms, inner products and log-weights are accumulated:
+    :func:`float_dtype` promoted to at least float32 (float16/bfloat16 params accumulate in
+    float32; docs/conventions.md, "Low precision")."""
+    return jnp.promote_types(float_dtype(params, perturbed), jnp.float32)
+
+
+def _upcast(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x).astype(jnp.promote_types(jnp.result_type(x), jnp.float32)), tree
+    )
+
+
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Sum over leaves of the inner products (``optax.tree.vdot``; pass only the leaves to
-    include)."""
-    return jnp.asarray(optax.tree.vdot(a, b))
+    include), accumulated in at least float32: a float16 squared norm overflows at 256²."""
+    return jnp.asarray(optax.tree.vdot(_upcast(a), _upcast(b)))
 
 
 def sq_norm(a: PyTree) -> jax.Array:
@@ -244,9 +257,10 @@ def _zeros_dtype(x: Any) -> Any:
 
 
 def batched_sq_norm(v: PyTree, perturbed: Perturbed) -> jax.Array:
-    """Per-sample squared norm over perturbed leaves of a pytree with a leading sample axis."""
+    """Per-sample squared norm over perturbed leaves of a pytree with a leading sample axis,
+    accumulated in at least float32."""
     terms = [
-        jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
+        jnp.sum(_upcast(jnp.reshape(x, (x.shape[0], -1))) ** 2, axis=1)
         for x, p in zip(jax.tree_util.tree_leaves(v), perturbed)
         if p
     ]

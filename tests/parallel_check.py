@@ -16,6 +16,8 @@ import sys
 if __name__ == "__main__" and "--worker" not in sys.argv:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+# The script's own directory (tests/) is first on sys.path, so the suite's fixtures import.
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,23 +33,11 @@ TOL = 2e-5
 
 
 def init_mlp(key, sizes=(3, 4, 2)):
-    params = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        key, k1, k2 = jax.random.split(key, 3)
-        params.append(
-            {
-                "w": jax.random.normal(k1, (fan_in, fan_out)) / np.sqrt(fan_in),
-                "b": 0.1 * jax.random.normal(k2, (fan_out,)),
-            }
-        )
-    return params
+    """The suite's small tanh MLP (tests/conftest.py), 3-4-2 unless told otherwise."""
+    return conftest.init_mlp(key, sizes)
 
 
-def model(params, x):
-    h = x
-    for layer in params[:-1]:
-        h = jnp.tanh(h @ layer["w"] + layer["b"])
-    return h @ params[-1]["w"] + params[-1]["b"]
+model = conftest.mlp_apply
 
 
 def loss(params, x, y):

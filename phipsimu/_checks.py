@@ -153,3 +153,9 @@ def flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}={value!r}: must be a bool")
     return value
+
+
+def flags(**named: Any) -> None:
+    """:func:`flag` on each keyword argument, named by its keyword."""
+    for name, value in named.items():
+        flag(name, value)

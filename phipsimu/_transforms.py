@@ -296,14 +296,13 @@ def sharpness_aware(
       >>> int(optax.tree.get(state, "nonfinite_count"))
       0
     """
-    for name, value in (
-        ("antithetic", antithetic),
-        ("adaptive", adaptive),
-        ("sync", sync),
-        ("skip_nonfinite", skip_nonfinite),
-        ("has_aux", has_aux),
-    ):
-        _checks.flag(name, value)
+    _checks.flags(
+        antithetic=antithetic,
+        adaptive=adaptive,
+        sync=sync,
+        skip_nonfinite=skip_nonfinite,
+        has_aux=has_aux,
+    )
     mask = _check_mask(mask)
     measure = _restrict(_measure.check_measure(measure), mask)
     _checks.seed("seed", seed)
@@ -437,13 +436,7 @@ def sam(
     """
     _checks.real("rho", rho, lo=0.0, strict=False)
     _checks.real("eta", eta, lo=0.0, strict=False)
-    for name, value in (
-        ("adaptive", adaptive),
-        ("sync", sync),
-        ("skip_nonfinite", skip_nonfinite),
-        ("has_aux", has_aux),
-    ):
-        _checks.flag(name, value)
+    _checks.flags(adaptive=adaptive, sync=sync, skip_nonfinite=skip_nonfinite, has_aux=has_aux)
     mask = _check_mask(mask)
     _parallel.check_axis_name("axis_name", axis_name)
 

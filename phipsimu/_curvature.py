@@ -490,6 +490,32 @@ def quadratic_forms(
     return _tree.chunked_map(quad, vs, None if chunk >= num else chunk)
 
 
+def forms_of_draws(
+    bound: Bound,
+    make: Callable[[jax.Array], tuple[list, Any]],
+    indices: jax.Array,
+    chunk: int | None,
+) -> tuple[jax.Array, Any]:
+    """``(q, extra)`` with ``q_j = v_jᵀ C v_j`` for the probes ``v_j, extra_j = make(indices[j])``
+    (``v_j`` the list of perturbed leaves, ``extra_j`` any per-probe pytree).
+
+    On one batch the probes are made inside the chunk loop, ``chunk`` at a time (None:
+    :data:`DEFAULT_CHUNK`), so memory holds one chunk of probes, not all of them. A dataset
+    sweep makes them all first (each sweep evaluates every probe on one batch)."""
+    num = indices.shape[0]
+    if bound.one is None:
+        vs, extra = jax.vmap(make)(indices)
+        return bound.quad(vs), extra
+    one = bound.one
+
+    def body(i: jax.Array) -> tuple[jax.Array, Any]:
+        v, extra = make(i)
+        return one(v), extra
+
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    return _tree.chunked_map(body, indices, None if chunk >= num else chunk)
+
+
 _jit_matvecs = jax.jit(
     lambda op, perturbed, chunk, params, vs, args: matvecs(op, params, perturbed, args, vs, chunk),
     static_argnums=(0, 1, 2),
@@ -627,12 +653,14 @@ class Bound(NamedTuple):
     and the estimators run on. ``matvec`` and ``quad`` take a block of vectors (perturbed
     leaves with a leading axis). ``host`` is True for a dataset sweep (Python-driven, per-batch
     work jitted), where algorithms run their outer loops in Python; otherwise everything is
-    traceable. ``active`` holds the perturbed leaves of the params."""
+    traceable. ``active`` holds the perturbed leaves of the params; ``one`` is the quadratic
+    form of a single vector (None for a dataset sweep)."""
 
     matvec: Callable[[list], list]
     quad: Callable[[list], jax.Array]
     host: bool
     active: list
+    one: Callable[[list], jax.Array] | None = None
 
 
 def bind(
@@ -664,6 +692,7 @@ def bind(
             lambda vs: quadratic_forms(op, params, perturbed, args, vs, chunk),
             False,
             active,
+            op.restrict(params, perturbed, args).quad,
         )
     _check_sweep(batches, args)
     bar = _NoProgress() if bar is None else bar
@@ -731,9 +760,11 @@ def metric_bound(bound: Bound, params: PyTree, eta: Any, perturbed: _tree.Pertur
     def scaled(vs: list) -> list:
         return [(v * ti).astype(v.dtype) for v, ti in zip(vs, t)]
 
+    one = bound.one
     return Bound(
         lambda vs: scaled(bound.matvec(scaled(vs))),
         lambda vs: bound.quad(scaled(vs)),
         bound.host,
         bound.active,
+        None if one is None else lambda v: one(scaled(v)),
     )

@@ -125,42 +125,53 @@ def sharpness(
     def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> Estimate:
         _checks.check_key(key)
         _checks.check_params(params)
-        draw = measure.mu.draw(key, params, num_samples, adaptive=adaptive)
-        v, log_w, dtype = draw.v, draw.log_weight, draw.log_weight.dtype
-        bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk_size)
+        sampler = measure.mu
+        perturbed, d = sampler.layout(params)
+        dtype = jax.eval_shape(
+            lambda: sampler.draw_at(key, params, jnp.zeros((1,), int), adaptive=adaptive)
+        ).log_weight.dtype
+        bound = _curvature.bind(op, params, args, batches, perturbed, chunk_size)
         # the measured operator: H, or T_x H T_x (same inertia when T_x is nonsingular)
-        measured = (
-            _curvature.metric_bound(bound, params, eta, draw.perturbed) if adaptive else bound
-        )
+        measured = _curvature.metric_bound(bound, params, eta, perturbed) if adaptive else bound
         if check:
             # a Lanczos block of one vector is a plain vmap whatever the chunk size
-            n = min(check_iterations, draw.d)
-            start = _mu.gaussian(mask=measure.mu.mask).draw(jax.random.fold_in(key, 1), params, 1)
+            n = min(check_iterations, d)
+            start = _mu.gaussian(mask=sampler.mask).draw(jax.random.fold_in(key, 1), params, 1)
             theta, tol = _krylov.ritz_certificate(measured, start.active(), n, dtype)
-        scale: Any = measure.mu.scale if isinstance(measure.mu, _mu.Lebesgue) else None
+        scale: Any = sampler.scale if isinstance(sampler, _mu.Lebesgue) else None
         if auto_scale and check:
             # s² = 1/θ_min: twice the 1/(2λ_min) below which the weights have infinite
-            # variance when θ_min = λ_min (n >= d); the Lebesgue draw was made at scale 1.
+            # variance when θ_min = λ_min (n >= d); the Lebesgue draw is made at scale 1.
             scale = jnp.where(theta[0] > tol, theta[0], 1.0) ** -0.5
-            v = _tree.scale(scale, v)
-            log_w = log_w + draw.d * jnp.log(scale)
+        indices = jnp.arange(num_samples)
         if sample_axis is not None:
             size, begin = _parallel.sample_block(
                 sample_axis, num_samples, f"num_samples={num_samples}"
             )
-            v = _parallel.take_block(v, begin, size)
-        if adaptive:
-            v = _curvature.metric_probes(params, v, eta, draw.perturbed)
-        q = bound.quad(_tree.active(v, draw.perturbed))
+            indices = begin + jnp.arange(size)
+
+        def make(i: jax.Array) -> tuple[list, jax.Array]:
+            # probe i from key alone: drawn inside the chunk loop, so memory holds one chunk
+            draw = sampler.draw_at(key, params, i[None], adaptive=adaptive)
+            v, log_w = draw.v, draw.log_weight[0]
+            if auto_scale and check:
+                v = _tree.scale(scale, v)
+                log_w = log_w + d * jnp.log(scale)
+            if adaptive:
+                v = _curvature.metric_probes(params, v, eta, perturbed)
+            return [a[0] for a in _tree.active(v, perturbed)], log_w
+
+        q, log_w = _curvature.forms_of_draws(bound, make, indices, chunk_size)
         if sample_axis is not None:
             q = _parallel.gather_samples(q, sample_axis)
-        est = _measure.reduce(measure, q.astype(dtype), log_w, draw.d)
+            log_w = _parallel.gather_samples(log_w, sample_axis)
+        est = _measure.reduce(measure, q.astype(dtype), log_w.astype(dtype), d)
         if not check:
             return est
         singular = jnp.abs(theta[0]) <= tol
         if adaptive and eta == 0.0:
             # T_x H T_x is singular wherever a perturbed coordinate is 0, whatever H is
-            x = _tree.active(params, draw.perturbed)
+            x = _tree.active(params, perturbed)
             singular = singular | jnp.any(jnp.stack([jnp.any(xi == 0) for xi in x]))
         if measure.requires_positive_definite:
             est = _certify_definite(est, theta[0] < -tol, singular)
@@ -170,7 +181,7 @@ def sharpness(
                 flag = _diagnostics.flag(infinite & (theta[0] > tol), Status.INFINITE_VARIANCE)
                 est = est._replace(status=est.status | flag)
             return est
-        groups = _num_groups(measure.mu, params, draw.perturbed)
+        groups = _num_groups(measure.mu, params, perturbed)
         return _certify_finite(est, theta, tol, singular, groups)
 
     def _certify_definite(est, indefinite, singular):

@@ -85,6 +85,22 @@ class Sampler:
         """The dimension d of the perturbed parameters (static)."""
         return _tree.dim(like, self.perturbed(like))
 
+    def layout(self, like: PyTree) -> tuple[tuple[bool, ...], int]:
+        """``(perturbed, d)``: per leaf of ``like`` whether it is perturbed, and the number of
+        perturbed coordinates.
+
+        Raises:
+          ValueError: when no leaf is perturbed.
+        """
+        perturbed = self.perturbed(like)
+        d = _tree.dim(like, perturbed)
+        if d == 0:
+            raise ValueError(
+                "params: no leaf is perturbed (no floating-point array leaves, or the mask "
+                "excludes all of them)"
+            )
+        return perturbed, d
+
     def symmetric(self, like: PyTree) -> bool:
         """Whether μ and its proposal, on params shaped like ``like``, are invariant under
         v → −v (antithetic pairs need it). Static: decided from shapes, not values."""
@@ -109,6 +125,10 @@ class Sampler:
         """:meth:`sample`, returned as a :class:`Draw` that also carries the perturbed
         leaves and d (computed once here, for the callers that need them).
 
+        Draw i comes from ``jax.random.fold_in(key, i)`` alone, so ``draw(key, like, num)``
+        is :meth:`draw_at` at ``0 .. num−1``: the first draws do not depend on ``num``, and
+        a caller can draw them a chunk at a time (memory flat in ``num``).
+
         Args:
           key, like, num: as in :meth:`sample`.
           adaptive: the caller multiplies the draws by the adaptive metric ``T_x`` itself
@@ -116,18 +136,35 @@ class Sampler:
             already invariant). A proposal that scales by x (the equivariant proposal of
             :func:`product_density`) then draws as at x = 1, so ``T_x`` is applied once.
         """
+        _checks.integer("num", num, lo=1)
+        return self.draw_at(key, like, jnp.arange(num), adaptive=adaptive)
+
+    def draw_at(
+        self, key: jax.Array, like: PyTree, indices: jax.Array, *, adaptive: bool = False
+    ) -> Draw:
+        """Draws number ``indices`` (an integer array of shape ``(n,)``, may be traced) of the
+        stream of ``key``: row j is draw ``indices[j]`` of :meth:`draw`, whatever the number
+        of draws and however they are split into chunks or over devices.
+
+        Args:
+          key: a JAX PRNG key.
+          like: the current parameters.
+          indices: which draws, shape ``(n,)``.
+          adaptive: as in :meth:`draw`.
+
+        Returns:
+          a :class:`Draw` with leading sample axis n.
+        """
         _checks.check_key(key)
         if adaptive:
             like = jax.tree_util.tree_map(jnp.ones_like, like)
-        _checks.integer("num", num, lo=1)
-        perturbed = self.perturbed(like)
-        d = _tree.dim(like, perturbed)
-        if d == 0:
-            raise ValueError(
-                "params: no leaf is perturbed (no floating-point array leaves, or the mask "
-                "excludes all of them)"
-            )
-        v, log_w = self._draw(key, like, num, perturbed, d)
+        perturbed, d = self.layout(like)
+
+        def one(i: jax.Array) -> tuple[PyTree, jax.Array]:
+            v, log_w = self._draw(jax.random.fold_in(key, i), like, 1, perturbed, d)
+            return jax.tree_util.tree_map(lambda a: a[0], v), log_w[0]
+
+        v, log_w = jax.vmap(one)(jnp.asarray(indices))
         return Draw(v, log_w, perturbed, d)
 
     def _draw(

@@ -46,8 +46,12 @@ def sharpness_term(
     The term is differentiable in ``params`` (through the perturbed losses, ``base``, ``T_x``
     and, for equivariant proposals, the draws).
 
+    Draw i comes from the key and i alone and is made inside the chunk loop (with
+    ``jax.checkpoint`` on each chunk), so the memory of the term and of its gradient holds one
+    chunk of draws and activations, whatever ``num_samples``.
+
     With ``sample_axis`` each device along that axis evaluates its block of the draws (the
-    same draws as on one device: all are drawn from the key, each device keeps its rows); the
+    same draws as on one device: each device draws its own rows from the key); the
     perturbed losses are gathered in sample order before ψ and φ, and the term is
     ``pmean``-ed over the axis, so its gradient, ``pmean``-ed over the axis, is the
     single-device gradient under ``pmap`` and ``shard_map`` (either ``check_vma``).
@@ -82,30 +86,42 @@ def sharpness_term(
                 "of an odd-sized group's product), so pairing v with -v would change the "
                 "objective"
             )
-        draw = measure.mu.draw(key, params, draws, adaptive=adaptive)
-        v, log_w = draw.v, draw.log_weight
-        size = draws
+        _, d = measure.mu.layout(params)
+        size, indices = draws, jax.numpy.arange(draws)
         if sample_axis is not None:
             size, start = _parallel.sample_block(sample_axis, draws, what)
-            v = _parallel.take_block(v, start, size)
+            indices = start + jax.numpy.arange(size)
         chunk = None if chunk_req >= size else chunk_req
-        if adaptive:
-            v = _curvature.metric_probes(params, v, eta, draw.perturbed)
+        signs = (1.0, -1.0) if antithetic else (1.0,)
 
-        def shifted(sign: float) -> jax.Array:
-            out = _tree.chunked_map(
-                lambda vi: value_fn(_tree.add_scale(params, sign * rho, vi)), v, chunk
+        def losses_at(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+            # draw i from the key alone, inside the chunk loop: memory holds one chunk
+            draw = measure.mu.draw_at(key, params, i[None], adaptive=adaptive)
+            v = draw.v
+            if adaptive:
+                v = _curvature.metric_probes(params, v, eta, draw.perturbed)
+            v = jax.tree_util.tree_map(lambda a: a[0], v)
+            out = jax.numpy.stack(
+                [value_fn(_tree.add_scale(params, sign * rho, v)) for sign in signs]
             )
-            return out if sample_axis is None else _parallel.gather_samples(out, sample_axis)
+            return out, draw.log_weight[0]
 
+        if chunk is not None:
+            # reverse mode keeps only each chunk's indices and recomputes its losses, so
+            # the gradient's memory does not grow with the number of chunks
+            losses_at = jax.checkpoint(losses_at, prevent_cse=False)
+        out, log_w = _tree.chunked_map(losses_at, indices, chunk)
+        if sample_axis is not None:
+            out = _parallel.gather_samples(out, sample_axis)
+            log_w = _parallel.gather_samples(log_w, sample_axis)
         if antithetic:
-            plus, minus = shifted(1.0), shifted(-1.0)
+            plus, minus = out[:, 0], out[:, 1]
             delta = (plus + minus - 2.0 * base) / rho**2
             losses = jax.numpy.concatenate([plus, minus])
         else:
-            losses = shifted(1.0)
+            losses = out[:, 0]
             delta = 2.0 * (losses - base) / rho**2
-        r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, draw.d, with_stats=False)
+        r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, d, with_stats=False)
         value = strength * rho**2 * r.value.astype(base.dtype)
         return _parallel.pmean(value, sample_axis), losses
 

@@ -70,7 +70,9 @@ def test_leading_term_on_example1_manifold(name, point):
     measure = PRESETS[name]
     with jax.enable_x64(True):
         x = jnp.array(point)
-        key, num, rhos = jax.random.key(1), 1000, [0.02, 0.01, 0.005]
+        # ρ from 0.01 down: at larger ρ the ρ² term can cancel part of the ρ term (how much
+        # depends on the draws), so the error is not yet in its O(ρ) regime
+        key, num, rhos = jax.random.key(1), 1000, [0.01, 0.005, 0.0025]
         est = phipsimu.sharpness(example1, measure, num_samples=num)(x, key=key)
         errs = [
             abs(float(term_over_rho2(example1, measure, x, r, num, key) - est.value)) for r in rhos
@@ -94,7 +96,9 @@ def test_determinant_objective_on_example1_manifold():
             float(term_over_rho2(example1, det(scale=s), x, 0.1, 4000, jax.random.key(2)))
             for s in (1.0, 4.0, 16.0)
         ]
-    assert all(0 < t < 0.01 * terms[0] for t in terms[1:])
+    # the estimate of ∫ grows like the proposal's width s along the (one-dimensional) manifold,
+    # so the term, ∝ 1/(∫)², falls like 1/s²: 16× per 4× widening (at least 8× asserted)
+    assert all(0 < b < a / 8 for a, b in zip(terms, terms[1:]))
 
 
 @pytest.mark.parametrize(

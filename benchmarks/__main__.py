@@ -81,10 +81,10 @@ def _details(f: dict) -> str:
     if f["suite"] == "memory":
         g = ", ".join(f"m={m}: +{v:.0f}" for m, v in f["growth_mib"].items())
         t = ", ".join(f"{v:.0f}" for v in f["xla_temp_mib"].values() if v is not None)
-        k = ", ".join(f"{v:.0f}" for v in f.get("compile_mib", {}).values())
+        r = ", ".join(f"{v:.0f}" for v in f.get("running_mib", {}).values())
         return (
-            f"running, MiB: {g} (plain gradient +{f.get('grad_run_mib', 0):.0f}); "
-            f"compiling: {k}; XLA temp: {t}"
+            f"compiling and running, MiB: {g}; running alone: {r} (plain gradient "
+            f"+{f.get('grad_run_mib', 0):.0f}); XLA temp: {t}"
         )
     if f["suite"] == "compile":
         eager = f["eager_second_call_ms"]

@@ -37,6 +37,38 @@ PyTree = Any
 #: probes 2.1–2.2 (``python -m benchmarks``).
 DEFAULT_CHUNK = 4
 
+#: On GPU and TPU, ``chunk_size=None`` evaluates as many probes at once as fit this many bytes
+#: of probe-sized buffers (about 8 parameter-sized buffers per probe: the probe, its tangents
+#: and cotangents), up to all of them in one ``vmap``: accelerators are fast when one kernel
+#: sees many probes, and slow on a long sequential loop. Activations are not counted, so a
+#: large batch may need an explicit ``chunk_size``.
+ACCELERATOR_CHUNK_BYTES = 2**30
+
+
+def default_chunk(num: int, probe_bytes: int, backend: str | None = None) -> int:
+    """The chunk size used when ``chunk_size=None``, for ``num`` probes of ``probe_bytes``
+    bytes each: :data:`DEFAULT_CHUNK` on CPU (measured fastest there, and memory flat in
+    ``num``), otherwise the largest chunk within :data:`ACCELERATOR_CHUNK_BYTES`."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu":
+        return DEFAULT_CHUNK
+    return max(1, min(num, ACCELERATOR_CHUNK_BYTES // max(1, 8 * probe_bytes)))
+
+
+def leaf_bytes(leaves: list) -> int:
+    """Bytes of one vector given as a list of leaves (static shapes and dtypes)."""
+    return sum(int(jnp.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
+
+
+def _chunk(chunk: int | None, vs: list) -> int | None:
+    """``chunk`` (None: :func:`default_chunk`) for a block ``vs`` of vectors with a leading
+    axis; None when one chunk holds the whole block (a plain ``vmap``)."""
+    num = vs[0].shape[0]
+    if chunk is None:
+        chunk = default_chunk(num, leaf_bytes([v[0] for v in vs]))
+    return None if chunk >= num else chunk
+
+
 #: Largest number of perturbed coordinates the dense paths accept by default
 #: (``exact_sharpness``, ``hessian_diagonal(exact=True)``). A dense float32 matrix of this size
 #: takes 64 MiB and its eigendecomposition a few seconds on CPU.
@@ -119,7 +151,7 @@ class Operator:
         """``vᵢᵀ C vᵢ`` for every probe ``vᵢ`` (the leading axis of every leaf of ``v``).
 
         ``chunk_size`` probes are evaluated at a time (``vmap`` inside a chunked
-        ``lax.map``); None uses :data:`DEFAULT_CHUNK`. Other arguments as in :meth:`matvec`.
+        ``lax.map``); None uses :func:`default_chunk`. Other arguments as in :meth:`matvec`.
         """
         _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
         perturbed = _tree.perturbed_leaves(params, mask)
@@ -467,11 +499,9 @@ def matvecs(
     chunk: int | None,
 ) -> list:
     """``C vᵢ`` for a block of vectors (perturbed leaves with a leading axis), ``chunk`` at a
-    time (None: :data:`DEFAULT_CHUNK`; a chunk as large as the block is a plain ``vmap``)."""
-    num = vs[0].shape[0]
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    time (None: :func:`default_chunk`; a chunk as large as the block is a plain ``vmap``)."""
     mv = op.restrict(params, perturbed, args).matvec
-    return _tree.chunked_map(mv, vs, None if chunk >= num else chunk)
+    return _tree.chunked_map(mv, vs, _chunk(chunk, vs))
 
 
 def quadratic_forms(
@@ -484,10 +514,8 @@ def quadratic_forms(
 ) -> jax.Array:
     """``vᵢᵀ C vᵢ`` for a block of vectors; under ``vmap`` the primal pass is shared by all
     probes in a chunk. ``chunk`` as in :func:`matvecs`."""
-    num = vs[0].shape[0]
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
     quad = op.restrict(params, perturbed, args).quad
-    return _tree.chunked_map(quad, vs, None if chunk >= num else chunk)
+    return _tree.chunked_map(quad, vs, _chunk(chunk, vs))
 
 
 def forms_of_draws(
@@ -500,7 +528,7 @@ def forms_of_draws(
     (``v_j`` the list of perturbed leaves, ``extra_j`` any per-probe pytree).
 
     On one batch the probes are made inside the chunk loop, ``chunk`` at a time (None:
-    :data:`DEFAULT_CHUNK`), so memory holds one chunk of probes, not all of them. A dataset
+    :func:`default_chunk`), so memory holds one chunk of probes, not all of them. A dataset
     sweep makes them all first (each sweep evaluates every probe on one batch)."""
     num = indices.shape[0]
     if bound.one is None:
@@ -512,7 +540,8 @@ def forms_of_draws(
         v, extra = make(i)
         return one(v), extra
 
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    if chunk is None:
+        chunk = default_chunk(num, leaf_bytes(bound.active))
     return _tree.chunked_map(body, indices, None if chunk >= num else chunk)
 
 

@@ -70,9 +70,11 @@ def sharpness(
       measure: a :class:`phipsimu.Measure`.
       num_samples: number of probes m (>= 1; >= 2 for measures with an unbiased φ).
       chunk_size: how many probes to evaluate at once (``vmap`` inside a chunked
-        ``lax.map``); memory grows with it. ``None`` (default) uses chunks of 4, which
-        measured fastest on CPU (about 1–1.6 gradients per probe,
-        ``python -m benchmarks``); ``chunk_size=num_samples`` is a single ``vmap``.
+        ``lax.map``); memory grows with it, not with ``num_samples`` (each chunk's probes
+        are drawn inside the loop). ``None`` (default): chunks of 4 on CPU, which measured
+        fastest there (``python -m benchmarks``); on GPU/TPU as many probes as fit
+        ``phipsimu.curvature.ACCELERATOR_CHUNK_BYTES`` (:func:`phipsimu.curvature.default_chunk`).
+        ``chunk_size=num_samples`` is a single ``vmap``.
       adaptive: measure ``T_x H T_x`` with ``T_x = diag(|x| + eta)`` instead of H (the
         adaptive metric, docs/conventions.md "Adaptive metric").
       eta: the metric's floor (>= 0); only used with ``adaptive=True``.
@@ -196,7 +198,7 @@ def sharpness(
         )
         return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
-    return estimate
+    return _tree.eager_jit(estimate)
 
 
 def _certify_finite(
@@ -320,7 +322,7 @@ def exact_sharpness(
         groups = _num_groups(measure.mu, params, perturbed)
         return _certify_finite(est, eigs, tol, jnp.abs(eigs[0]) <= tol, groups)
 
-    return evaluate
+    return _tree.eager_jit(evaluate)
 
 
 def _num_groups(mu: Any, params: PyTree, perturbed: Any) -> int:

@@ -71,7 +71,6 @@ def sharpness_term(
     _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
     _parallel.check_axis_name("sample_axis", sample_axis)
     draws = num_samples // 2 if antithetic else num_samples
-    chunk_req = _curvature.DEFAULT_CHUNK if chunk_size is None else chunk_size
     what = f"num_samples={num_samples}" + (
         " (num_samples/2 antithetic pairs)" if antithetic else ""
     )
@@ -91,6 +90,10 @@ def sharpness_term(
         if sample_axis is not None:
             size, start = _parallel.sample_block(sample_axis, draws, what)
             indices = start + jax.numpy.arange(size)
+        chunk_req = chunk_size
+        if chunk_req is None:
+            probe = _curvature.leaf_bytes(_tree.active(params, measure.mu.perturbed(params)))
+            chunk_req = _curvature.default_chunk(size, probe)
         chunk = None if chunk_req >= size else chunk_req
         signs = (1.0, -1.0) if antithetic else (1.0,)
 
@@ -114,14 +117,16 @@ def sharpness_term(
         if sample_axis is not None:
             out = _parallel.gather_samples(out, sample_axis)
             log_w = _parallel.gather_samples(log_w, sample_axis)
+        # differences, ψ, the mean and φ in the accumulation dtype (float32 for 16-bit losses)
+        acc = jax.numpy.promote_types(log_w.dtype, jax.numpy.float32)
+        wide, base_wide = out.astype(acc), base.astype(acc)
         if antithetic:
-            plus, minus = out[:, 0], out[:, 1]
-            delta = (plus + minus - 2.0 * base) / rho**2
-            losses = jax.numpy.concatenate([plus, minus])
+            delta = (wide[:, 0] + wide[:, 1] - 2.0 * base_wide) / rho**2
+            losses = jax.numpy.concatenate([out[:, 0], out[:, 1]])
         else:
             losses = out[:, 0]
-            delta = 2.0 * (losses - base) / rho**2
-        r = _measure.reduce(measure, delta.astype(log_w.dtype), log_w, d, with_stats=False)
+            delta = 2.0 * (wide[:, 0] - base_wide) / rho**2
+        r = _measure.reduce(measure, delta, log_w.astype(acc), d, with_stats=False)
         value = strength * rho**2 * r.value.astype(base.dtype)
         return _parallel.pmean(value, sample_axis), losses
 
@@ -173,7 +178,10 @@ def sharpness_aware_loss(
         ``jax.grad`` differentiates through ``T_x`` (the exact gradient of this objective,
         which keeps it exactly invariant; ASAM instead holds its perturbation fixed).
       eta: the metric floor (>= 0).
-      chunk_size: perturbed losses evaluated at once (chunked ``vmap``); ``None`` = 4.
+      chunk_size: perturbed losses evaluated at once (``vmap`` inside a chunked ``lax.map``,
+        each chunk rematerialised under ``jax.grad``, so memory does not grow with
+        ``num_samples``); ``None``: 4 on CPU, as many as fit
+        ``phipsimu.curvature.ACCELERATOR_CHUNK_BYTES`` on GPU/TPU.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux comes from the clean pass at x (as
         SAM implementations do for BatchNorm statistics).
       axis_name: data parallel inside ``jax.pmap``/``jax.shard_map`` over this axis, each

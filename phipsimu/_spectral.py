@@ -240,7 +240,11 @@ def _slq(
     """
     draw = _mu.probe_sampler(probes, mask).draw(key, params, num_samples)
     n = min(num_iterations, draw.d)
-    chunk = _curvature.DEFAULT_CHUNK if chunk_size is None else chunk_size
+    chunk = chunk_size
+    if chunk is None:
+        # each probe's Lanczos run holds n + 1 vectors
+        per_probe = (n + 1) * _curvature.leaf_bytes(draw.active()) // num_samples
+        chunk = _curvature.default_chunk(num_samples, per_probe)
     num_chunks = -(-num_samples // chunk)
     bar = _curvature.progress_bar(progress and batches is not None, n * num_chunks, "SLQ")
     bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk, bar)
@@ -335,7 +339,9 @@ def trace_function(
         ``phipsimu.mu`` as ``mu.<probes>(mask=mask).sample(key, params, num_samples)``.
       mask, blocks, progress: as in :func:`top_eigenvalues`.
       chunk_size: probes whose Lanczos runs go together (vmapped; memory
-        ``chunk_size·(n+1)·d``); None uses 4. Over a dataset, each group costs n sweeps.
+        ``chunk_size·(n+1)·d``); None: 4 on CPU, as many as fit
+        ``phipsimu.curvature.ACCELERATOR_CHUNK_BYTES`` on GPU/TPU. Over a dataset, each group
+        costs n sweeps.
 
     Returns:
       ``estimate(params, *args, key, batches=None) -> Estimate`` (``num_samples`` = m).

@@ -161,7 +161,8 @@ def hessian_trace(
         ``"sphere"``. Drawn as ``phipsimu.mu.<probes>(mask=mask).sample(key, params, ·)``.
       mask, blocks, progress: as in :func:`phipsimu.top_eigenvalues`. Per-block traces are
         traces of the diagonal blocks; they sum to Tr(H).
-      chunk_size: probes per vmapped chunk of HVPs / quadratic forms (None: 4).
+      chunk_size: probes per vmapped chunk of HVPs / quadratic forms (None: 4 on
+        CPU; on GPU/TPU as many as fit ``phipsimu.curvature.ACCELERATOR_CHUNK_BYTES``).
 
     Returns:
       ``estimate(params, *args, key, batches=None) -> Estimate``; ``num_samples`` is the
@@ -195,7 +196,6 @@ def hessian_trace(
         "xtrace": num_matvecs // 2,
     }[method]
     sweeps = {"hutchinson": 1, "hutch++": 3, "xtrace": 2}[method]
-    chunk = _curvature.DEFAULT_CHUNK if chunk_size is None else chunk_size
 
     def build(m: Any) -> Callable[..., Estimate]:
         def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None):
@@ -209,7 +209,7 @@ def hessian_trace(
                     f"{d * (3 if method == 'hutch++' else 2)}"
                 )
             bar = _curvature.progress_bar(progress and batches is not None, sweeps, method)
-            bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk, bar)
+            bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk_size, bar)
             vs, c = draw.active(), (1.0 / d if probes == "sphere" else 1.0)
             low: Any
             if method == "hutchinson":
@@ -267,7 +267,8 @@ def hessian_diagonal(
       max_dim: largest d accepted with ``exact=True`` (default 4096).
       mask: which leaves to include (a pytree of bools or a callable); the other leaves of
         ``value`` and ``stderr`` are zero.
-      chunk_size: probes (or unit vectors) per vmapped chunk (None: 4).
+      chunk_size: probes (or unit vectors) per vmapped chunk (None: as in
+        :func:`hessian_trace`).
       progress: a tqdm bar over dataset sweeps (only with ``batches``).
 
     Returns:
@@ -340,4 +341,4 @@ def hessian_diagonal(
         log_value = jax.tree.map(jnp.log, value)
         return Estimate(value, stderr, log_value, ess, num_samples, nan, status)
 
-    return estimate
+    return _tree.eager_jit(estimate)

@@ -10,27 +10,36 @@
 Each is a frozen, hashable :class:`Operator` with ``matvec(params, v, *args)``,
 ``quadratic_forms(params, v, *args)`` and ``dense(params, *args)``, all taking ``batches=`` and
 ``mask=``.
+
+Execution: with ``chunk_size=None`` probes are evaluated :data:`DEFAULT_CHUNK` at a time on CPU
+and, on GPU/TPU, as many at once as fit :data:`ACCELERATOR_CHUNK_BYTES` (:func:`default_chunk`).
 """
 
 from phipsimu._curvature import (
+    ACCELERATOR_CHUNK_BYTES,
+    DEFAULT_CHUNK,
     DataParallel,
     GaussNewton,
     Hessian,
     LinearOperator,
     Operator,
     data_parallel,
+    default_chunk,
     gauss_newton,
     hessian,
     linear_operator,
 )
 
 __all__ = [
+    "ACCELERATOR_CHUNK_BYTES",
+    "DEFAULT_CHUNK",
     "DataParallel",
     "GaussNewton",
     "Hessian",
     "LinearOperator",
     "Operator",
     "data_parallel",
+    "default_chunk",
     "gauss_newton",
     "hessian",
     "linear_operator",

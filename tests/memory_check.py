@@ -3,13 +3,14 @@
     python tests/memory_check.py KIND M
 
 Builds the MLP 64-256-256-10 (d = 85,002) on a batch of 128, compiles and runs KIND twice and
-prints the process's peak RSS in MiB (``ru_maxrss``). KIND: ``grad`` (a plain jitted gradient,
-the baseline), ``sharpness`` (trace measure, M probes), ``grad_loss`` (``jax.grad`` of
-``sharpness_aware_loss`` with M perturbations) or ``update`` (a ``sharpness_aware`` step with M
-perturbations applied by ``optax.sgd``), all at the default chunking.
+prints the process's peak RSS in MiB (``VmHWM``; ``ru_maxrss`` would count the parent's
+pages, since Linux keeps it across the fork and exec that started this process). KIND:
+``grad`` (a plain jitted gradient, the baseline), ``sharpness`` (trace measure, M probes),
+``grad_loss`` (``jax.grad`` of ``sharpness_aware_loss``, M perturbations) or ``update`` (a
+``sharpness_aware`` step, M perturbations, applied by ``optax.sgd``), at the default chunking.
 """
 
-import resource
+import re
 import sys
 
 import jax
@@ -49,7 +50,10 @@ def main(kind: str, m: int) -> None:
     fn, args = build(kind, m)
     for _ in range(2):
         jax.block_until_ready(fn(*args))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    with open("/proc/self/status") as f:
+        hwm = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+    assert hwm is not None, "no VmHWM in /proc/self/status"
+    print(int(hwm.group(1)) / 1024.0)
 
 
 if __name__ == "__main__":

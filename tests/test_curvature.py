@@ -213,3 +213,16 @@ def test_bad_input():
         ggn.matvec(params, params, x, y)
     with pytest.raises(ValueError, match=r"args: the Gauss-Newton operator is called with \(x"):
         curvature.gauss_newton(mlp_apply, mse).matvec(params, params)
+
+
+def test_default_chunk_per_backend():
+    from phipsimu import curvature
+
+    assert curvature.default_chunk(256, 4 * 85_002, "cpu") == curvature.DEFAULT_CHUNK
+    # accelerators: one vmap over every probe when they fit the budget, else the budget's share
+    assert curvature.default_chunk(256, 4 * 85_002, "gpu") == 256
+    per_probe = 4 * 10**7
+    fit = curvature.ACCELERATOR_CHUNK_BYTES // (8 * per_probe)
+    assert curvature.default_chunk(256, per_probe, "tpu") == fit == 3
+    assert curvature.default_chunk(256, 10 * curvature.ACCELERATOR_CHUNK_BYTES, "gpu") == 1
+    assert curvature.default_chunk(256, 4, jax.default_backend()) >= 1

@@ -7,10 +7,15 @@ m = 4 on this model.)"""
 import concurrent.futures
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.skipif(
+    not pathlib.Path("/proc/self/status").exists(), reason="peak RSS is read from Linux /proc"
+)
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -30,15 +35,25 @@ def peak_mib(kind: str, m: int) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+# the update differentiates the eq. 10 term as jax.grad(sharpness_aware_loss) does (the same
+# factory); python -m benchmarks --only memory measures all three
+KINDS = ("sharpness", "update")
+REPEATS = 3  # compiling's share of the peak varies by about ±15 MiB: medians of 3 processes
+
+
 @pytest.fixture(scope="module")
 def peaks():
-    points = [("grad", 4)] + [(k, m) for k in ("sharpness", "grad_loss", "update") for m in (4, 256)]
+    points = [(k, m) for k in KINDS for m in (4, 256)]
+    runs = [("grad", 4)] + [p for p in points for _ in range(REPEATS)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        values = list(pool.map(lambda p: peak_mib(*p), points))
-    return dict(zip(points, values))
+        values = list(pool.map(lambda p: peak_mib(*p), runs))
+    out = {("grad", 4): values[0]}
+    for i, p in enumerate(points):
+        out[p] = statistics.median(values[1 + i * REPEATS : 1 + (i + 1) * REPEATS])
+    return out
 
 
-@pytest.mark.parametrize("kind", ["sharpness", "grad_loss", "update"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_peak_memory_is_flat_in_the_number_of_samples(peaks, kind):
     base = peaks[("grad", 4)]
     low, high = peaks[(kind, 4)] - base, peaks[(kind, 256)] - base

@@ -155,13 +155,6 @@ def sample_block(axis_name: str, num: int, what: str) -> tuple[int, jax.Array]:
     return size, jax.lax.axis_index(axis_name) * size
 
 
-def take_block(tree: PyTree, start: jax.Array, size: int) -> PyTree:
-    """Rows ``start .. start + size`` of the leading axis of every leaf."""
-    return jax.tree_util.tree_map(
-        lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), tree
-    )
-
-
 def gather_samples(x: jax.Array, axis_name: str) -> jax.Array:
     """Every device's block of per-sample values, concatenated in sample order."""
     return jax.lax.all_gather(x, axis_name, tiled=True)

@@ -60,13 +60,18 @@ def leaf_bytes(leaves: list) -> int:
     return sum(int(jnp.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
 
 
-def _chunk(chunk: int | None, vs: list) -> int | None:
-    """``chunk`` (None: :func:`default_chunk`) for a block ``vs`` of vectors with a leading
-    axis; None when one chunk holds the whole block (a plain ``vmap``)."""
-    num = vs[0].shape[0]
+def chunk_for(chunk: int | None, num: int, probe_bytes: int) -> int | None:
+    """The chunk to give :func:`_tree.chunked_map` for ``num`` probes of ``probe_bytes`` bytes:
+    ``chunk`` (None: :func:`default_chunk`), or None when one chunk holds them all (a plain
+    ``vmap``)."""
     if chunk is None:
-        chunk = default_chunk(num, leaf_bytes([v[0] for v in vs]))
+        chunk = default_chunk(num, probe_bytes)
     return None if chunk >= num else chunk
+
+
+def _chunk(chunk: int | None, vs: list) -> int | None:
+    """:func:`chunk_for` a block ``vs`` of vectors with a leading axis."""
+    return chunk_for(chunk, vs[0].shape[0], leaf_bytes([v[0] for v in vs]))
 
 
 #: Largest number of perturbed coordinates the dense paths accept by default
@@ -540,9 +545,7 @@ def forms_of_draws(
         v, extra = make(i)
         return one(v), extra
 
-    if chunk is None:
-        chunk = default_chunk(num, leaf_bytes(bound.active))
-    return _tree.chunked_map(body, indices, None if chunk >= num else chunk)
+    return _tree.chunked_map(body, indices, chunk_for(chunk, num, leaf_bytes(bound.active)))
 
 
 _jit_matvecs = jax.jit(

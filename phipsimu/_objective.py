@@ -85,16 +85,13 @@ def sharpness_term(
                 "of an odd-sized group's product), so pairing v with -v would change the "
                 "objective"
             )
-        _, d = measure.mu.layout(params)
+        perturbed, d = measure.mu.layout(params)
         size, indices = draws, jax.numpy.arange(draws)
         if sample_axis is not None:
             size, start = _parallel.sample_block(sample_axis, draws, what)
             indices = start + jax.numpy.arange(size)
-        chunk_req = chunk_size
-        if chunk_req is None:
-            probe = _curvature.leaf_bytes(_tree.active(params, measure.mu.perturbed(params)))
-            chunk_req = _curvature.default_chunk(size, probe)
-        chunk = None if chunk_req >= size else chunk_req
+        probe = _curvature.leaf_bytes(_tree.active(params, perturbed))
+        chunk = _curvature.chunk_for(chunk_size, size, probe)
         signs = (1.0, -1.0) if antithetic else (1.0,)
 
         def losses_at(i: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -11,10 +11,13 @@ itself (the paper's eq. (10) without it converges to ``φ(∫ψ(½vᵀHv)dμ)``)
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from phipsimu import _checks, _curvature, _measure, _parallel, _tree
 
@@ -74,6 +77,10 @@ def sharpness_term(
     what = f"num_samples={num_samples}" + (
         " (num_samples/2 antithetic pairs)" if antithetic else ""
     )
+    signs = (1.0, -1.0) if antithetic else (1.0,)
+    # with a scalar ψ each sample's gradient enters the term's gradient with a weight known
+    # from that sample alone (up to one common factor), so one pass gives the gradient
+    one_pass = jax.eval_shape(measure.psi, jax.ShapeDtypeStruct((), jnp.float32)).shape == ()
 
     def term(
         value_fn: Callable[[PyTree], jax.Array], params: PyTree, base: jax.Array, key: jax.Array
@@ -86,48 +93,228 @@ def sharpness_term(
                 "objective"
             )
         perturbed, d = measure.mu.layout(params)
-        size, indices = draws, jax.numpy.arange(draws)
+        size, indices = draws, jnp.arange(draws)
         if sample_axis is not None:
             size, start = _parallel.sample_block(sample_axis, draws, what)
-            indices = start + jax.numpy.arange(size)
+            indices = start + jnp.arange(size)
         probe = _curvature.leaf_bytes(_tree.active(params, perturbed))
         chunk = _curvature.chunk_for(chunk_size, size, probe)
-        signs = (1.0, -1.0) if antithetic else (1.0,)
+        reduction = _Reduction(measure, antithetic, d)
 
-        def losses_at(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def losses_at(
+            p: PyTree, value: Callable[[PyTree], jax.Array], i: jax.Array
+        ) -> tuple[jax.Array, jax.Array]:
             # draw i from the key alone, inside the chunk loop: memory holds one chunk
-            draw = measure.mu.draw_at(key, params, i[None], adaptive=adaptive)
+            draw = measure.mu.draw_at(key, p, i[None], adaptive=adaptive)
             v = draw.v
             if adaptive:
-                v = _curvature.metric_probes(params, v, eta, draw.perturbed)
+                v = _curvature.metric_probes(p, v, eta, draw.perturbed)
             v = jax.tree_util.tree_map(lambda a: a[0], v)
-            out = jax.numpy.stack(
-                [value_fn(_tree.add_scale(params, sign * rho, v)) for sign in signs]
-            )
+            out = jnp.stack([value(_tree.add_scale(p, sign * rho, v)) for sign in signs])
             return out, draw.log_weight[0]
+
+        if sample_axis is None and one_pass:
+            return _one_pass(
+                lambda p, i: losses_at(p, value_fn, i),
+                params,
+                base,
+                (rho, strength),
+                reduction,
+                indices,
+                chunk,
+            )
+
+        def sampled(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return losses_at(params, value_fn, i)
 
         if chunk is not None:
             # reverse mode keeps only each chunk's indices and recomputes its losses, so
             # the gradient's memory does not grow with the number of chunks
-            losses_at = jax.checkpoint(losses_at, prevent_cse=False)
-        out, log_w = _tree.chunked_map(losses_at, indices, chunk)
+            sampled = jax.checkpoint(sampled, prevent_cse=False)
+        out, log_w = _tree.chunked_map(sampled, indices, chunk)
         if sample_axis is not None:
             out = _parallel.gather_samples(out, sample_axis)
             log_w = _parallel.gather_samples(log_w, sample_axis)
-        # differences, ψ, the mean and φ in the accumulation dtype (float32 for 16-bit losses)
-        acc = jax.numpy.promote_types(log_w.dtype, jax.numpy.float32)
-        wide, base_wide = out.astype(acc), base.astype(acc)
-        if antithetic:
-            delta = (wide[:, 0] + wide[:, 1] - 2.0 * base_wide) / rho**2
-            losses = jax.numpy.concatenate([out[:, 0], out[:, 1]])
-        else:
-            losses = out[:, 0]
-            delta = 2.0 * (wide[:, 0] - base_wide) / rho**2
-        r = _measure.reduce(measure, delta, log_w.astype(acc), d, with_stats=False)
-        value = strength * rho**2 * r.value.astype(base.dtype)
+        value, losses = reduction.finish(out, log_w, base, rho, strength)
         return _parallel.pmean(value, sample_axis), losses
 
     return term
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reduction:
+    """From the perturbed losses ``out`` (shape ``(m, 1)``, or ``(m, 2)`` for antithetic pairs
+    at ``x ± ρv``), their log-weights and the base loss to the term ``s·ρ² φ(mean w ψ(Δ))``,
+    with the partial derivatives the one-pass gradient needs. ρ and s are arguments, not
+    fields, so they may be traced (``optax.inject_hyperparams``). Differences, ψ, the mean and
+    φ run in the accumulation dtype (float32 for 16-bit losses)."""
+
+    measure: _measure.Measure
+    antithetic: bool
+    d: int
+
+    def slope(self, rho: Any) -> jax.Array:
+        """``∂Δ/∂out`` for one sample."""
+        return jnp.array([1.0, 1.0] if self.antithetic else [2.0]) / rho**2
+
+    def delta(self, wide: jax.Array, base_wide: jax.Array, rho: Any) -> jax.Array:
+        """``Δ = 2(L(x + ρv) − L(x))/ρ²``, or the symmetric difference for a pair."""
+        return wide @ self.slope(rho).astype(wide.dtype) - 2.0 * base_wide / rho**2
+
+    def finish(self, out: jax.Array, log_w: jax.Array, base: jax.Array, rho: Any, s: Any):
+        """``(term, perturbed losses)``; the losses are those at ``x + ρv_i`` then (with
+        antithetic pairs) those at ``x − ρv_i``."""
+        acc = jnp.promote_types(log_w.dtype, jnp.float32)
+        delta = self.delta(out.astype(acc), base.astype(acc), rho)
+        r = _measure.reduce(self.measure, delta, log_w.astype(acc), self.d, with_stats=False)
+        return s * rho**2 * r.value.astype(base.dtype), out.T.reshape(-1)
+
+    def local(self, wide: jax.Array, log_w: jax.Array, base_wide: jax.Array, rho: Any):
+        """For one sample: its exponent ``ℓ = log w + log ψ(Δ)`` in log space (else 0), and
+        the partials of its contribution (``ℓ``, else ``w ψ(Δ)``) in its perturbed losses,
+        its log-weight and the base loss."""
+        delta = self.delta(wide, base_wide, rho)
+        slope = self.slope(rho).astype(wide.dtype)
+        if self.measure.log_space:
+            ell, dell = jax.value_and_grad(self.measure.log_psi)(delta)  # type: ignore[arg-type]
+            return ell + log_w, dell * slope, jnp.ones_like(log_w), -2.0 * dell / rho**2
+        psi, dpsi = jax.value_and_grad(self.measure.psi)(delta)
+        w = jnp.exp(log_w)
+        return jnp.zeros_like(log_w), w * dpsi * slope, w * psi, -2.0 * w * dpsi / rho**2
+
+    def outer(self, wide, log_w, base_wide, total, rho: Any, s: Any) -> jax.Array:
+        """The factor every sample's partials share, ``∂ term/∂ contribution_i``; in log
+        space ``∂ term/∂ℓ_i = factor · exp(ℓ_i − shift)`` with ``total = Σ exp(ℓ_i − shift)``."""
+        measure, m = self.measure, wide.shape[0]
+        delta = self.delta(wide, base_wide, rho)
+        if measure.log_space:
+            ell = log_w + measure.log_psi(delta)  # type: ignore[misc]
+            log_mean = jax.scipy.special.logsumexp(ell) - math.log(m)
+            log_value, dlog = jax.value_and_grad(lambda t: measure.apply_log_phi(t, self.d))(
+                log_mean
+            )
+            return s * rho**2 * jnp.exp(log_value) * dlog / total
+
+        def phi(t: jax.Array) -> jax.Array:
+            if measure.phi_unbiased is not None:
+                return measure.phi_unbiased(t, m)
+            return measure.apply_phi(t, self.d)
+
+        mean = jnp.mean(jnp.exp(log_w) * jax.vmap(measure.psi)(delta))
+        return s * rho**2 * jax.grad(phi)(mean) / m
+
+
+def _one_pass(
+    losses_at: Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]],
+    params: PyTree,
+    base: jax.Array,
+    hyper: tuple[Any, Any],
+    reduction: _Reduction,
+    indices: jax.Array,
+    chunk: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The term with a reverse-mode rule that makes one pass over the samples.
+
+    Differentiated as written, the chunked term recomputes each chunk's losses in the
+    backward pass (``jax.checkpoint``). The rule here evaluates each perturbed loss together
+    with its gradient in the forward pass and adds that gradient, weighted by the sample's
+    partial derivative, into one running sum: memory holds one chunk and one gradient, and
+    the cost is one gradient per sample. In log space the weights are ``exp(ℓ_i − running
+    max)``, rescaled whenever the maximum grows. The values ``losses_at`` captures (the key,
+    the caller's batch) are explicit inputs of the rule (``jax.closure_convert``), so
+    gradients with respect to them are exact too; ρ and the strength are not differentiable.
+    """
+    leaves, _treedef = jax.tree_util.tree_flatten(params)
+    closed, shape = jax.make_jaxpr(losses_at, return_shape=True)(params, indices[0])
+    consts, n = list(closed.consts), len(leaves)
+    out_tree = jax.tree_util.tree_structure(shape)
+
+    def sample(flat: list, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # ``losses_at`` with everything it captures (the key, the caller's batch, ρ) as
+        # explicit inputs ``flat[n:]``, after the param leaves ``flat[:n]``
+        out = jax.core.eval_jaxpr(closed.jaxpr, flat[n:], *flat[:n], i)
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    def primal(flat: list, base_: jax.Array, hyper_: tuple, indices_: jax.Array) -> tuple:
+        out, log_w = _tree.chunked_map(lambda i: sample(flat, i), indices_, chunk)
+        return reduction.finish(out, log_w, base_, *hyper_)
+
+    def fwd(flat: list, base_: Any, hyper_: tuple, indices_: Any) -> tuple:
+        if any(h.perturbed for h in hyper_):
+            raise NotImplementedError(
+                "rho, strength: the sharpness-aware term is not differentiable in its "
+                "hyperparameters"
+            )
+        rho, s = (h.value for h in hyper_)
+        # only the floating-point inputs being differentiated get a running sum
+        wanted = [x.perturbed and jnp.issubdtype(x.value.dtype, jnp.inexact) for x in flat]
+        flat = [x.value for x in flat]
+        diff = [x for x, w in zip(flat, wanted) if w]
+        base_ = base_.value
+        acc = jnp.promote_types(base_.dtype, jnp.float32)
+        base_wide = base_.astype(acc)
+
+        def with_diff(new: list) -> list:
+            it = iter(new)
+            return [next(it) if w else x for x, w in zip(flat, wanted)]
+
+        def one(i: jax.Array) -> tuple:
+            (out, log_w), vjp_fn = jax.vjp(lambda xs: sample(with_diff(xs), i), diff)
+            wide, lw = out.astype(acc), log_w.astype(jnp.promote_types(log_w.dtype, acc))
+            ell, ct_out, ct_lw, ct_base = reduction.local(wide, lw, base_wide, rho)
+            (grads,) = vjp_fn((ct_out.astype(out.dtype), ct_lw.astype(log_w.dtype)))
+            return (out, log_w), ell, grads, ct_base
+
+        def block(carry: tuple, idx: jax.Array) -> tuple:
+            sums, top, total, base_sum = carry
+            ys, ell, grads, ct_base = jax.vmap(one)(idx)
+            new_top = jnp.maximum(top, jnp.max(ell))
+            shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+            keep, e = jnp.exp(top - shift), jnp.exp(ell - shift)
+            sums = [a * keep + jnp.tensordot(e, g.astype(a.dtype), 1) for a, g in zip(sums, grads)]
+            return (sums, new_top, total * keep + e.sum(), base_sum * keep + e @ ct_base), ys
+
+        zeros = [jnp.zeros(x.shape, jnp.promote_types(x.dtype, acc)) for x in diff]
+        start = (zeros, jnp.array(-jnp.inf, acc), jnp.zeros((), acc), jnp.zeros((), acc))
+        (sums, _, total, base_sum), (out, log_w) = _fold(block, start, indices_.value, chunk)
+        factor = reduction.outer(out.astype(acc), log_w.astype(acc), base_wide, total, rho, s)
+        value, losses = reduction.finish(out, log_w, base_, rho, s)
+        it = iter(sums)
+        sums = [next(it) if w else None for w in wanted]
+        return (value, losses), (sums, factor * base_sum, factor)
+
+    def bwd(res: tuple, cts: tuple) -> tuple:
+        sums, base_grad, factor = res
+        ct = cts[0]
+        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+            return None, None, None, None
+        scale = ct.astype(factor.dtype) * factor
+        grads = [None if a is None else (scale * a).astype(t) for a, t in zip(sums, dtypes)]
+        return grads, (ct * base_grad).astype(base.dtype), None, None
+
+    flat0 = leaves + consts
+    dtypes = [jnp.result_type(x) for x in flat0]
+    rule = jax.custom_vjp(primal)
+    rule.defvjp(fwd, bwd, symbolic_zeros=True)
+    value, losses = rule(flat0, base, hyper, indices)
+    return value, jax.lax.stop_gradient(losses)
+
+
+def _fold(block: Callable, carry: Any, indices: jax.Array, chunk: int | None) -> tuple:
+    """``block(carry, idx) -> (carry, ys)`` over ``indices`` in chunks of ``chunk`` (all at
+    once when None), the ys concatenated in order."""
+    n = indices.shape[0]
+    if chunk is None:
+        return block(carry, indices)
+    full = n // chunk * chunk
+    parts = []
+    if full:
+        carry, ys = jax.lax.scan(block, carry, indices[:full].reshape(-1, chunk))
+        parts.append(jax.tree_util.tree_map(lambda a: a.reshape((full, *a.shape[2:])), ys))
+    if full < n:
+        carry, ys = block(carry, indices[full:])
+        parts.append(ys)
+    return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
 
 
 def sharpness_aware_loss(

@@ -258,9 +258,13 @@ def sharpness_aware(
     .. math:: u \\leftarrow u + s\\,\\nabla_x\\,\\rho^2\\phi\\Big(\\frac1m\\sum_i w_i
        \\psi\\big(2(L(x+\\rho v_i)-L(x))/\\rho^2\\big)\\Big)
 
-    With ``updates = ∇L(x)`` the result is the gradient of
-    :func:`phipsimu.sharpness_aware_loss`. Perturbations are drawn from ``measure.mu`` with
-    a key kept in the state (split every step).
+    ``updates`` must be ``∇L(x)``, the gradient of ``value_fn`` at ``params`` (as for
+    ``optax.contrib.sam``); the result is then the gradient of
+    :func:`phipsimu.sharpness_aware_loss`. The term depends on ``L(x)`` through every
+    difference, and that part of its gradient, ``∂term/∂L(x)·∇L(x)``, reuses the incoming
+    updates (without ``axis_name`` or ``sample_axis``), so a step costs the caller's gradient,
+    one loss value and one gradient per perturbation. Perturbations are drawn from
+    ``measure.mu`` with a key kept in the state (split every step).
 
     Args:
       measure: a :class:`phipsimu.Measure`.
@@ -368,15 +372,28 @@ def sharpness_aware(
 
         x, merge = _tree.split(params, perturbed)
 
-        def objective(active: list) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            p = merge(active)
-            base = loss(p)
-            value, losses = step_term(loss, p, base, key)
+        def objective(active: list, base: jax.Array) -> tuple[jax.Array, jax.Array]:
+            value, losses = step_term(loss, merge(active), base, key)
             # pmean of a per-device term (sync=False) or of the same global term (sync=True):
             # its gradient, pmean-ed below, is the global one in every mode.
-            return _parallel.pmean(value, axis_name), (base, losses)
+            return _parallel.pmean(value, axis_name), losses
 
-        (value, (base, losses)), grad = jax.value_and_grad(objective, has_aux=True)(x)
+        if axis_name is None and sample_axis is None:
+            # The term's derivative through L(x) is ∂term/∂L(x) · ∇L(x), and ∇L(x) is the
+            # incoming gradient: no second gradient at x, only the loss value.
+            base = loss(params)
+            (value, losses), (grad, base_grad) = jax.value_and_grad(
+                objective, argnums=(0, 1), has_aux=True
+            )(x, base)
+            grad = [g + (base_grad * u).astype(g.dtype) for g, u in zip(grad, incoming)]
+        else:
+
+            def both(active: list) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                base = loss(merge(active))
+                value, losses = objective(active, base)
+                return value, (base, losses)
+
+            (value, (base, losses)), grad = jax.value_and_grad(both, has_aux=True)(x)
         grad, base, losses = _parallel.pmean((grad, base, losses), axis_name)
         grad = _parallel.pmean(grad, sample_axis)
         ok = _all_finite([value, *grad])

@@ -1,16 +1,17 @@
 """Peak memory against the number of samples m, each measurement in a fresh process.
 
-Growth of peak RSS while compiling and running the call (MiB, above the RSS just before it;
-the running phase alone, and a plain jitted gradient, are reported beside it) for ``sharpness``
-(trace measure), ``jax.grad(sharpness_aware_loss)`` and the ``sharpness_aware`` SGD step on the
-digits MLP 64-256-256-10, batch 512, at the default chunking; plus the growth while compiling
-and XLA's planned temporary buffers. Goal: the running peak at m = 256 at most 1.5× the one at
-m = 4.
+Growth of peak RSS while compiling and running the call (MiB above the RSS just before it,
+median of 3 fresh processes per point; the running phase alone, and a plain jitted gradient,
+are reported beside it) for ``sharpness`` (trace measure), ``jax.grad(sharpness_aware_loss)``
+and the ``sharpness_aware`` SGD step on the digits MLP 64-256-256-10, batch 512, at the
+default chunking; plus the growth while compiling and XLA's planned temporary buffers. Goal:
+the running peak at m = 256 at most 1.5× the one at m = 4.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,13 +38,26 @@ def measure(kind: str, m: int) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def median_of(kind: str, m: int, runs: int) -> dict[str, Any]:
+    """Field by field median of ``runs`` fresh processes (the compile phase's peak varies by
+    a few tens of MiB from process to process)."""
+    rows = [measure(kind, m) for _ in range(runs)]
+
+    def mid(k: str) -> Any:
+        values = [r[k] for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        return statistics.median(values) if numeric else values[0]
+
+    return {k: mid(k) for k in rows[0]}
+
+
 def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
-    del repeats  # peak RSS is a maximum, not a noisy time: one process per point
+    runs = 1 if quick else min(repeats, 3)
     kinds = ("sharpness",) if quick else tuple(LABELS)
     ms = (4, 8) if quick else (4, 16, 64, 256)
     out = []
     for kind in kinds:
-        rows = [measure(kind, m) for m in ms]
+        rows = [median_of(kind, m, runs) for m in ms]
         total = {r["m"]: r["total_mib"] for r in rows}
         lo, hi = ms[0], ms[-1]
         # from the second point on every m uses the same chunked program (needs 3+ points)
@@ -54,7 +68,7 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
             if flat > 1.1
             else f"not proportional to m: from m = {ms[1]} to {hi} the peak grows {flat:.2f}×; "
             f"at m = {lo} one vmap over all samples compiles to a smaller program than the "
-            "chunked loop (rematerialised under jax.grad) used beyond one chunk"
+            "chunked loop used beyond one chunk"
         )
         out.append(
             c.figure(

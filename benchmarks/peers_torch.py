@@ -15,7 +15,14 @@ Both run on the MLP of ``_common`` with the same weights and batch as the JAX si
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+# torch's OpenMP workers spin after each op by default; between interleaved timings they
+# would keep the cores from XLA and slow whichever JAX configuration runs next
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.nn.functional as F
 

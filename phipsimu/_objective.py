@@ -49,9 +49,11 @@ def sharpness_term(
     The term is differentiable in ``params`` (through the perturbed losses, ``base``, ``T_x``
     and, for equivariant proposals, the draws).
 
-    Draw i comes from the key and i alone and is made inside the chunk loop (with
-    ``jax.checkpoint`` on each chunk), so the memory of the term and of its gradient holds one
-    chunk of draws and activations, whatever ``num_samples``.
+    Draw i comes from the key and i alone and is made inside the chunk loop, so the memory of
+    the term and of its gradient holds one chunk of draws and activations, whatever
+    ``num_samples``. With a scalar ψ and no ``sample_axis`` the gradient is taken in one pass
+    (:func:`_one_pass`); otherwise each chunk is recomputed in the backward pass
+    (``jax.checkpoint``). docs/conventions.md, section "Eq. (10)".
 
     With ``sample_axis`` each device along that axis evaluates its block of the draws (the
     same draws as on one device: each device draws its own rows from the key); the
@@ -220,9 +222,11 @@ def _one_pass(
     with its gradient in the forward pass and adds that gradient, weighted by the sample's
     partial derivative, into one running sum: memory holds one chunk and one gradient, and
     the cost is one gradient per sample. In log space the weights are ``exp(ℓ_i − running
-    max)``, rescaled whenever the maximum grows. The values ``losses_at`` captures (the key,
-    the caller's batch) are explicit inputs of the rule (``jax.closure_convert``), so
-    gradients with respect to them are exact too; ρ and the strength are not differentiable.
+    max)``, rescaled whenever the maximum grows. Everything ``losses_at`` captures (the key,
+    the caller's batch, ρ) is hoisted out of its traced program into explicit inputs of the
+    rule, so gradients with respect to the batch are exact too. Inputs that are not being
+    differentiated get no running sum. The term itself is not differentiable in ρ or the
+    strength (``NotImplementedError``).
     """
     leaves, _treedef = jax.tree_util.tree_flatten(params)
     closed, shape = jax.make_jaxpr(losses_at, return_shape=True)(params, indices[0])

@@ -38,6 +38,9 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
         timers[f"probe{m}"] = c.timer(lambda p, fn=fn: fn(p, x, y, key=jax.random.key(0)), params)
     hutch = jax.jit(phipsimu.hessian_trace(loss, num_matvecs=hutch_m))
     timers["hutchinson"] = c.timer(lambda p: hutch(p, x, y, key=jax.random.key(0)), params)
+    # drawing the probes alone (the key is an argument, as in a training loop)
+    draw = jax.jit(lambda p, k: trace.mu.draw(k, p, hutch_m).v)
+    timers["draw"] = c.timer(draw, params, jax.random.key(0))
 
     def step_timer(tx, style="plain"):
         step, init = c.sgd_step(loss, tx, style=style)
@@ -74,8 +77,8 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 goal=("<=", 1.5),
                 unit="gradients",
                 cause="every repeat misses the goal; a probe is a second directional "
-                "derivative (nested JVPs through the loss) plus drawing the probe (about a "
-                "quarter of a gradient on a 2-core CPU), and per probe it costs more the more "
+                "derivative (nested JVPs through the loss) plus drawing the probe (see the "
+                "drawing row), and per probe it costs more the more "
                 "probes run in one program (one vmap of 4 is cheapest here)",
             )
         )
@@ -89,6 +92,15 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
             unit="gradients",
             cause="every repeat misses the goal; one Hessian-vector product "
             "(forward-over-reverse) per probe",
+        )
+    )
+    out.append(
+        c.figure(
+            "cost",
+            f"drawing one probe (uniform on the sphere, m = {hutch_m}) / `jax.grad`",
+            c.median_ratio(t["draw"], t["grad"], hutch_m),
+            range=c.ratio_range(t["draw"], t["grad"], hutch_m),
+            unit="gradients",
         )
     )
     out.append(
@@ -121,8 +133,8 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
                 range=c.ratio_range(t[f"eq10_{m}"], t["sgd"], m + 1),
                 goal=("<=", 1.25),
                 cause="every repeat misses the goal; besides the m + 1 gradients the step "
-                "draws m probes (threefry normals for every coordinate, about a quarter of a "
-                "gradient each on a 2-core CPU) and evaluates the loss once more at x",
+                "draws m probes (threefry normals for every coordinate; see the drawing row) "
+                "and evaluates the loss once more at x",
             )
         )
     if isinstance(peers, dict):

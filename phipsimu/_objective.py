@@ -155,38 +155,56 @@ class _Reduction:
     antithetic: bool
     d: int
 
-    def slope(self, rho: Any) -> jax.Array:
-        """``∂Δ/∂out`` for one sample."""
-        return jnp.array([1.0, 1.0] if self.antithetic else [2.0]) / rho**2
+    def unit(self) -> jax.Array:
+        """``(ρ²/2)·∂Δ/∂out`` for one sample (its entries sum to 1)."""
+        return jnp.array([0.5, 0.5] if self.antithetic else [1.0])
 
     def delta(self, wide: jax.Array, base_wide: jax.Array, rho: Any) -> jax.Array:
-        """``Δ = 2(L(x + ρv) − L(x))/ρ²``, or the symmetric difference for a pair."""
-        return wide @ self.slope(rho).astype(wide.dtype) - 2.0 * base_wide / rho**2
+        """``Δ = 2(L(x + ρv) − L(x))/ρ²``, or the symmetric difference for a pair; the
+        losses are subtracted before any scaling, so nearby losses keep their digits."""
+        diff = (wide - base_wide) * self.unit().astype(wide.dtype)
+        return jnp.sum(diff, axis=-1) * (2.0 / rho**2)
 
-    def finish(self, out: jax.Array, log_w: jax.Array, base: jax.Array, rho: Any, s: Any):
+    def finish(
+        self, out: jax.Array, log_w: jax.Array, base: jax.Array, rho: Any, s: Any
+    ) -> tuple[jax.Array, jax.Array]:
         """``(term, perturbed losses)``; the losses are those at ``x + ρv_i`` then (with
         antithetic pairs) those at ``x − ρv_i``."""
-        acc = jnp.promote_types(log_w.dtype, jnp.float32)
+        acc = accumulation_dtype(log_w.dtype, base.dtype)
         delta = self.delta(out.astype(acc), base.astype(acc), rho)
         r = _measure.reduce(self.measure, delta, log_w.astype(acc), self.d, with_stats=False)
         return s * rho**2 * r.value.astype(base.dtype), out.T.reshape(-1)
 
-    def local(self, wide: jax.Array, log_w: jax.Array, base_wide: jax.Array, rho: Any):
+    def local(
+        self, wide: jax.Array, log_w: jax.Array, base_wide: jax.Array, rho: Any
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """For one sample: its exponent ``ℓ = log w + log ψ(Δ)`` in log space (else 0), and
-        the partials of its contribution (``ℓ``, else ``w ψ(Δ)``) in its perturbed losses,
-        its log-weight and the base loss."""
+        ``ρ²/2`` times the partials of its contribution (``ℓ``, else ``w ψ(Δ)``) in its
+        perturbed losses, its log-weight and the base loss. The factor ``ρ²/2`` keeps the
+        cotangents that enter the loss's backward pass O(1) for any ρ (``2/ρ²`` overflows
+        float16 at ρ < 0.006); :meth:`outer` puts it back."""
         delta = self.delta(wide, base_wide, rho)
-        slope = self.slope(rho).astype(wide.dtype)
+        unit = self.unit().astype(wide.dtype)
+        half = rho**2 / 2.0
         if self.measure.log_space:
             ell, dell = jax.value_and_grad(self.measure.log_psi)(delta)  # type: ignore[arg-type]
-            return ell + log_w, dell * slope, jnp.ones_like(log_w), -2.0 * dell / rho**2
+            return ell + log_w, dell * unit, jnp.full_like(log_w, half), -dell
         psi, dpsi = jax.value_and_grad(self.measure.psi)(delta)
         w = jnp.exp(log_w)
-        return jnp.zeros_like(log_w), w * dpsi * slope, w * psi, -2.0 * w * dpsi / rho**2
+        return jnp.zeros_like(log_w), w * dpsi * unit, w * psi * half, -w * dpsi
 
-    def outer(self, wide, log_w, base_wide, total, rho: Any, s: Any) -> jax.Array:
-        """The factor every sample's partials share, ``∂ term/∂ contribution_i``; in log
-        space ``∂ term/∂ℓ_i = factor · exp(ℓ_i − shift)`` with ``total = Σ exp(ℓ_i − shift)``."""
+    def outer(
+        self,
+        wide: jax.Array,
+        log_w: jax.Array,
+        base_wide: jax.Array,
+        total: jax.Array,
+        rho: Any,
+        s: Any,
+    ) -> jax.Array:
+        """The factor every sample's partials (as :meth:`local` scales them) share:
+        ``(2/ρ²)·∂ term/∂ contribution_i``; in log space ``∂ term/∂ℓ_i`` is ``(ρ²/2)`` times
+        ``factor · exp(ℓ_i − shift)``, with ``total = Σ exp(ℓ_i − shift)``."""
         measure, m = self.measure, wide.shape[0]
         delta = self.delta(wide, base_wide, rho)
         if measure.log_space:
@@ -195,7 +213,7 @@ class _Reduction:
             log_value, dlog = jax.value_and_grad(lambda t: measure.apply_log_phi(t, self.d))(
                 log_mean
             )
-            return s * rho**2 * jnp.exp(log_value) * dlog / total
+            return 2.0 * s * jnp.exp(log_value) * dlog / total
 
         def phi(t: jax.Array) -> jax.Array:
             if measure.phi_unbiased is not None:
@@ -203,7 +221,12 @@ class _Reduction:
             return measure.apply_phi(t, self.d)
 
         mean = jnp.mean(jnp.exp(log_w) * jax.vmap(measure.psi)(delta))
-        return s * rho**2 * jax.grad(phi)(mean) / m
+        return 2.0 * s * jax.grad(phi)(mean) / m
+
+
+def accumulation_dtype(log_weight: Any, base: Any) -> Any:
+    """The dtype of the differences, ψ, the mean and φ: float32 at least (16-bit losses)."""
+    return jnp.promote_types(jnp.promote_types(log_weight, base), jnp.float32)
 
 
 def _one_pass(
@@ -228,8 +251,9 @@ def _one_pass(
     differentiated get no running sum. The term itself is not differentiable in ρ or the
     strength (``NotImplementedError``).
     """
-    leaves, _treedef = jax.tree_util.tree_flatten(params)
+    leaves = jax.tree_util.tree_leaves(params)
     closed, shape = jax.make_jaxpr(losses_at, return_shape=True)(params, indices[0])
+    acc = accumulation_dtype(shape[1].dtype, base.dtype)
     consts, n = list(closed.consts), len(leaves)
     out_tree = jax.tree_util.tree_structure(shape)
 
@@ -246,8 +270,9 @@ def _one_pass(
     def fwd(flat: list, base_: Any, hyper_: tuple, indices_: Any) -> tuple:
         if any(h.perturbed for h in hyper_):
             raise NotImplementedError(
-                "rho, strength: the sharpness-aware term is not differentiable in its "
-                "hyperparameters"
+                "rho, strength: differentiated (traced under jax.grad), but the "
+                "sharpness-aware term is not differentiable in its hyperparameters; pass "
+                "them through jax.lax.stop_gradient"
             )
         rho, s = (h.value for h in hyper_)
         # only the floating-point inputs being differentiated get a running sum
@@ -255,7 +280,6 @@ def _one_pass(
         flat = [x.value for x in flat]
         diff = [x for x, w in zip(flat, wanted) if w]
         base_ = base_.value
-        acc = jnp.promote_types(base_.dtype, jnp.float32)
         base_wide = base_.astype(acc)
 
         def with_diff(new: list) -> list:
@@ -264,7 +288,7 @@ def _one_pass(
 
         def one(i: jax.Array) -> tuple:
             (out, log_w), vjp_fn = jax.vjp(lambda xs: sample(with_diff(xs), i), diff)
-            wide, lw = out.astype(acc), log_w.astype(jnp.promote_types(log_w.dtype, acc))
+            wide, lw = out.astype(acc), log_w.astype(acc)
             ell, ct_out, ct_lw, ct_base = reduction.local(wide, lw, base_wide, rho)
             (grads,) = vjp_fn((ct_out.astype(out.dtype), ct_lw.astype(log_w.dtype)))
             return (out, log_w), ell, grads, ct_base
@@ -349,6 +373,13 @@ def sharpness_aware_loss(
     draws move with x and the gradient also carries ``ρ·J_iᵀ∇L(x+ρv_i)``, ``J_i = ∂v_i/∂x``
     (the exact, reparameterised gradient of the Monte Carlo objective).
 
+    The sharpness term has its own reverse-mode rule (one pass over the samples;
+    docs/conventions.md, section "Eq. (10)"): ``jax.grad``, ``jax.value_and_grad`` and
+    ``jax.vjp`` work, also with respect to the arguments after ``params`` and nested, but
+    forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) raises, and the objective is
+    not differentiable in ``rho`` or ``strength``. Forward mode still works with a vector
+    ψ (the Frobenius preset) or ``sample_axis``.
+
     Args:
       loss_fn: ``loss_fn(params, *args)`` returning a scalar, or ``(scalar, aux)`` with
         ``has_aux=True``.
@@ -366,8 +397,9 @@ def sharpness_aware_loss(
         ``jax.grad`` differentiates through ``T_x`` (the exact gradient of this objective,
         which keeps it exactly invariant; ASAM instead holds its perturbation fixed).
       eta: the metric floor (>= 0).
-      chunk_size: perturbed losses evaluated at once (``vmap`` inside a chunked ``lax.map``,
-        each chunk rematerialised under ``jax.grad``, so memory does not grow with
+      chunk_size: perturbed losses evaluated at once (``vmap`` inside a chunked ``lax.map``;
+        under ``jax.grad`` each chunk's gradients are summed as it goes, or, for a vector ψ
+        or ``sample_axis``, each chunk is recomputed, so memory does not grow with
         ``num_samples``); ``None``: 4 on CPU, as many as fit
         ``phipsimu.curvature.ACCELERATOR_CHUNK_BYTES`` on GPU/TPU.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux comes from the clean pass at x (as

@@ -15,7 +15,8 @@ gradient) and increments ``nonfinite_count`` in the state; this is the guard tha
 since ``optax.apply_if_finite`` around the chain only sees the incoming, finite gradient. With
 ``skip_nonfinite=False`` such a step gives non-finite updates: put ``optax.apply_if_finite``
 *after* the transform, ``optax.chain(phipsimu.sam(...), optax.apply_if_finite(base, n))``.
-A NaN incoming gradient is passed on as it is, in both modes.
+A NaN incoming gradient is passed on as it is, in both modes (``sharpness_aware`` also
+counts that step in ``nonfinite_count``, since its update uses the incoming gradient).
 
 Which leaves: floating-point array leaves of ``params`` (restricted by ``mask``) are
 perturbed and receive the sharpness-aware update; the other leaves (ints, bools, PRNG keys,

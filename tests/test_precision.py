@@ -41,6 +41,26 @@ def test_sam_norm_does_not_overflow(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW)
+def test_eq10_gradient_at_small_rho_does_not_overflow(dtype):
+    """At ρ = 0.004 the factor 2/ρ² = 1.25·10⁵ exceeds float16's range: the gradient of the
+    eq. 10 loss must not pass it through the loss's backward pass. For the trace preset the
+    gradient is ∇L(x) + (2/m)Σ(∇L(x + ρv_i) − ∇L(x)); it matches float32 to the dtype's
+    precision and keeps the params' dtype."""
+
+    def loss(p):
+        return 0.5 * jnp.sum(jnp.asarray([1.0, 2.0, 3.0], p.dtype) * p**2)
+
+    obj = phipsimu.sharpness_aware_loss(loss, phipsimu.measures.trace(), rho=0.004, num_samples=4)
+    grads = []
+    for dt in (jnp.float32, dtype):
+        g = jax.grad(obj)(jnp.asarray([2.0, -1.0, 0.5], dt), key=jax.random.key(0))
+        assert g.dtype == dt
+        grads.append(np.asarray(g, np.float32))
+    assert np.all(np.isfinite(grads[1]))
+    np.testing.assert_allclose(grads[1], grads[0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", LOW)
 def test_dense_and_determinant_paths_upcast(dtype):
     a = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
 

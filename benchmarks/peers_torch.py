@@ -78,7 +78,7 @@ def eq10_gradient(layers, flat, x, y, draws, rho):
     return [g + (2.0 / m) * (a - m * g) for g, a in zip(clean, acc)]
 
 
-def eq10_step_timer(params, x, y, *, m, rho, lr=0.1, min_time=0.02):
+def eq10_step_timer(params, x, y, *, m, rho, lr=0.1, min_time=0.1):
     """``run() -> seconds`` of one eq. 10 SGD step (fresh draws every step)."""
     layers, flat, tx, ty = to_torch(params, x, y)
     gen = torch.Generator().manual_seed(0)
@@ -103,7 +103,7 @@ def hutchinson(layers, flat, x, y, m, generator):
     return total / m
 
 
-def hutchinson_timer(params, x, y, *, m, min_time=0.02):
+def hutchinson_timer(params, x, y, *, m, min_time=0.1):
     layers, flat, tx, ty = to_torch(params, x, y)
     gen = torch.Generator().manual_seed(0)
     return c.timer(lambda: hutchinson(layers, flat, tx, ty, m, gen), min_time=min_time)

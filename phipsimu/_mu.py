@@ -177,6 +177,17 @@ def _normal(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return jax.random.normal(k, shape, dtype)
 
 
+def _packed_signs(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Independent ±1 entries, one random bit each: every 32-bit word of the key's stream
+    gives 32 signs. ``jax.random.rademacher`` spends a whole word (one threefry hash) per
+    sign, which made drawing a Hutchinson probe cost about a fifth of a gradient."""
+    n = math.prod(shape)
+    words = jax.random.bits(k, (-(-n // 32),), jnp.uint32)
+    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    signs = 2 * bits.reshape(-1)[:n].astype(jnp.int32) - 1
+    return signs.reshape(shape).astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sphere(Sampler):
     """Uniform probability measure on the unit sphere of the whole perturbed vector."""
@@ -198,7 +209,7 @@ class Gaussian(Sampler):
 
     def _draw(self, key, like, num, perturbed, d):
         def draw(k, shape, dtype):
-            return (self.stddev * jax.random.normal(k, shape, dtype)).astype(dtype)
+            return (self.stddev * _normal(k, shape, dtype)).astype(dtype)
 
         v = _tree.random_like(key, like, perturbed, num, draw)
         return v, jnp.zeros((num,), _tree.accum_dtype(like, perturbed))
@@ -209,10 +220,7 @@ class Rademacher(Sampler):
     """Independent ±1 coordinates (a probability measure; E[vvᵀ] = I)."""
 
     def _draw(self, key, like, num, perturbed, d):
-        def draw(k, shape, dtype):
-            return jax.random.rademacher(k, shape, dtype)
-
-        v = _tree.random_like(key, like, perturbed, num, draw)
+        v = _tree.random_like(key, like, perturbed, num, _packed_signs)
         return v, jnp.zeros((num,), _tree.accum_dtype(like, perturbed))
 
 
@@ -230,11 +238,8 @@ class Lebesgue(Sampler):
     scale: float | None = 1.0
 
     def _draw(self, key, like, num, perturbed, d):
-        def draw(k, shape, dtype):
-            return jax.random.normal(k, shape, dtype)
-
         scale = 1.0 if self.scale is None else self.scale
-        g = _tree.random_like(key, like, perturbed, num, draw)
+        g = _tree.random_like(key, like, perturbed, num, _normal)
         sq = _tree.batched_sq_norm(g, perturbed)
         log_w = 0.5 * d * math.log(2.0 * math.pi * scale**2) + 0.5 * sq
         return _tree.scale(scale, g), log_w

@@ -297,7 +297,36 @@ def batched_sq_norm(v: PyTree, perturbed: Perturbed) -> jax.Array:
 
 def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
     """Apply ``fn`` to every sample of ``v``: ``vmap`` when ``chunk_size`` is None, else a
-    chunked ``lax.map`` that holds ``chunk_size`` samples in memory at a time."""
+    chunked ``lax.map`` that holds ``chunk_size`` samples in memory at a time.
+
+    In the chunked loop, everything ``fn`` captures (the params, the batch) enters each
+    iteration through ``lax.optimization_barrier`` together with the iteration's samples.
+    Without it XLA hoists the parts of nested JVPs that do not depend on the samples out of
+    the loop, and the copies left inside can no longer be merged with their duplicates: on
+    the digits MLP (CPU) a chunk of 4 quadratic forms then cost 1.36 gradients per probe
+    instead of 0.99 (``benchmarks/cost.py``, "`sharpness` probe" rows)."""
     if chunk_size is None:
         return jax.vmap(fn)(v)
-    return jax.lax.map(fn, v, batch_size=chunk_size)
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(jax.tree_util.tree_map(_first, v))
+    consts = list(closed.consts)
+    # extended dtypes (PRNG keys) cannot pass the barrier; integer work on them is cheap
+    fenced = [i for i, c in enumerate(consts) if not _is_key(c)]
+    out_tree = jax.tree_util.tree_structure(shape)
+
+    def body(x: PyTree) -> Any:
+        inner = list(consts)
+        kept, x = jax.lax.optimization_barrier(([consts[i] for i in fenced], x))
+        for i, c in zip(fenced, kept):
+            inner[i] = c
+        out = jax.core.eval_jaxpr(closed.jaxpr, inner, *jax.tree_util.tree_leaves(x))
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    return jax.lax.map(body, v, batch_size=chunk_size)
+
+
+def _first(a: jax.Array) -> jax.Array:
+    return a[0]
+
+
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)

@@ -88,6 +88,26 @@ def test_rademacher_and_gaussian_support():
     assert abs(float(jnp.std(g["a"])) - 2.0) < 4 * 2.0 / math.sqrt(8000)
 
 
+def test_rademacher_signs_balanced_and_uncorrelated_within_and_across_words():
+    # 32 signs come from each random word: check balance and the correlation of neighbours
+    # in one word (lag 1), of the same bit in neighbouring words (lag 32) and across a word
+    # boundary, against their standard errors. Each statistic is a mean of n ≈ ±1 terms
+    # (standard error 1/√n); 5 standard errors bound a fixed-key draw.
+    leaves = {"a": jnp.zeros((37, 29)), "b": jnp.zeros(3001), "h": jnp.zeros(5, jnp.bfloat16)}
+    v, _ = phipsimu.mu.rademacher().sample(jax.random.key(11), leaves, 40)
+    assert v["h"].dtype == jnp.bfloat16
+    for x in (np.reshape(v["a"], (40, -1)), np.asarray(v["b"])):
+        assert set(np.unique(x).tolist()) == {-1.0, 1.0}
+        n = x.size
+        assert abs(x.mean()) < 5 / math.sqrt(n)
+        for lag in (1, 31, 32, 33):
+            c = (x[:, lag:] * x[:, :-lag]).mean()
+            assert abs(c) < 5 / math.sqrt(x[:, lag:].size), (lag, c)
+    # the draws of different samples are independent
+    b = np.asarray(v["b"])
+    assert abs((b[1:] * b[:-1]).mean()) < 5 / math.sqrt(b[1:].size)
+
+
 def test_same_key_same_draws_eager_and_jit_different_keys_differ():
     # Raw Gaussian draws are bit-identical; the sphere's normalisation may be fused
     # differently by XLA under jit, so it agrees to float32 rounding (a few ulps).

@@ -129,9 +129,8 @@ def num_params(params) -> int:
 def timer(fn: Callable[..., Any], *args: Any, min_time: float = 0.1) -> Callable[[], float]:
     """Warm ``fn(*args)`` up (compiling it) and return ``run() -> seconds per call``, the mean
     of an inner loop long enough (>= ``min_time``) to swamp the clock's resolution and the
-    first call's cold caches after another configuration ran (with 0.02 s, a gradient timed
-    after a large program read 1.4× slower, median of 7 repeats, than one timed after a
-    small one)."""
+    first call's cold caches after another configuration ran (a short loop timed right after
+    a large program reads slow)."""
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))

@@ -39,10 +39,10 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
     hutch = jax.jit(phipsimu.hessian_trace(loss, num_matvecs=hutch_m))
     timers["hutchinson"] = c.timer(lambda p: hutch(p, x, y, key=jax.random.key(0)), params)
     # drawing the probes alone (the key is an argument, as in a training loop)
-    draw = jax.jit(lambda p, k: trace.mu.draw(k, p, hutch_m).v)
-    timers["draw"] = c.timer(draw, params, jax.random.key(0))
-    signs = jax.jit(lambda p, k: phipsimu.mu.rademacher().draw(k, p, hutch_m).v)
-    timers["draw_signs"] = c.timer(signs, params, jax.random.key(0))
+    samplers = {"uniform on the sphere": trace.mu, "Rademacher": phipsimu.mu.rademacher()}
+    for name, mu in samplers.items():
+        draw = jax.jit(lambda p, k, mu=mu: mu.draw(k, p, hutch_m).v)
+        timers[f"draw {name}"] = c.timer(draw, params, jax.random.key(0))
 
     def step_timer(tx, style="plain"):
         step, init = c.sgd_step(loss, tx, style=style)
@@ -94,24 +94,16 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
             "Rademacher draw",
         )
     )
-    out.append(
-        c.figure(
-            "cost",
-            f"drawing one probe (uniform on the sphere, m = {hutch_m}) / `jax.grad`",
-            c.median_ratio(t["draw"], t["grad"], hutch_m),
-            range=c.ratio_range(t["draw"], t["grad"], hutch_m),
-            unit="gradients",
+    for name in samplers:
+        out.append(
+            c.figure(
+                "cost",
+                f"drawing one probe ({name}, m = {hutch_m}) / `jax.grad`",
+                c.median_ratio(t[f"draw {name}"], t["grad"], hutch_m),
+                range=c.ratio_range(t[f"draw {name}"], t["grad"], hutch_m),
+                unit="gradients",
+            )
         )
-    )
-    out.append(
-        c.figure(
-            "cost",
-            f"drawing one probe (Rademacher, m = {hutch_m}) / `jax.grad`",
-            c.median_ratio(t["draw_signs"], t["grad"], hutch_m),
-            range=c.ratio_range(t["draw_signs"], t["grad"], hutch_m),
-            unit="gradients",
-        )
-    )
     out.append(
         c.figure(
             "cost",

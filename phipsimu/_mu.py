@@ -179,8 +179,8 @@ def _normal(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
 
 def _packed_signs(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     """Independent ±1 entries, one random bit each: every 32-bit word of the key's stream
-    gives 32 signs. ``jax.random.rademacher`` spends a whole word (one threefry hash) per
-    sign, which made drawing a Hutchinson probe cost about a fifth of a gradient."""
+    gives 32 signs, where ``jax.random.rademacher`` spends a whole word (one threefry hash)
+    per sign."""
     n = math.prod(shape)
     words = jax.random.bits(k, (-(-n // 32),), jnp.uint32)
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1

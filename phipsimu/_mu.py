@@ -174,7 +174,32 @@ class Sampler:
 
 
 def _normal(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    return jax.random.normal(k, shape, dtype)
+    """Standard normal entries, two per threefry hash.
+
+    ``jax.random.normal`` spends one hash per entry (its partitionable stream XORs the two
+    output words of each hash). Splitting the key into ⌈n/2⌉ keys hashes once per key and
+    keeps both words, so here each word makes one uniform, mapped to a normal by the
+    inverse error function as ``jax.random.normal`` does. (``jax.random.split`` rather than
+    the raw hash keeps shard_map's record of which values differ across devices.) Keys of
+    other implementations and float64 keep ``jax.random.normal``.
+    """
+    dtype = jnp.dtype(dtype)
+    if str(jax.random.key_impl(k)) != "threefry2x32" or dtype.itemsize > 4:
+        return jax.random.normal(k, shape, dtype)
+    if not shape or shape[-1] < 2:
+        return jax.random.normal(k, shape, dtype)
+    # Keys laid out like the draw with the last axis halved: both words of a hash land
+    # side by side. (Drawing flat and reshaping keeps XLA from fusing the draw into its
+    # consumers, which cost more than the hashes saved.)
+    last = shape[-1]
+    keys = jax.random.split(k, (*shape[:-1], -(-last // 2)))
+    words = jax.random.key_data(keys).reshape(*shape[:-1], -1)[..., :last]
+    # The top 23 bits as the mantissa of a float in [1, 2), moved to [-1, 1).
+    one = np.float32(1.0).view(np.uint32)
+    u = jax.lax.bitcast_convert_type((words >> 9) | one, jnp.float32)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    u = jnp.maximum(lo, 2.0 * u - 3.0)
+    return (np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)).astype(dtype)
 
 
 def _packed_signs(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:

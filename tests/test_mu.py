@@ -108,6 +108,28 @@ def test_rademacher_signs_balanced_and_uncorrelated_within_and_across_words():
     assert abs((b[1:] * b[:-1]).mean()) < 5 / math.sqrt(b[1:].size)
 
 
+def test_gaussian_entries_normal_and_uncorrelated_within_and_across_hashes():
+    # Two entries come from each threefry hash (neighbours in the flattened draw): check the
+    # first four moments and the correlation of neighbours (same hash at even offsets, next
+    # hash at odd ones) and of distant entries against their standard errors (5 of them),
+    # then the whole distribution with scipy's Kolmogorov–Smirnov test.
+    leaves = {"a": jnp.zeros((37, 29)), "b": jnp.zeros(3001), "h": jnp.zeros(5, jnp.bfloat16)}
+    v, _ = phipsimu.mu.gaussian().sample(jax.random.key(12), leaves, 40)
+    assert v["h"].dtype == jnp.bfloat16
+    for x in (np.reshape(v["a"], (40, -1)), np.asarray(v["b"])):
+        n = x.size
+        assert abs(x.mean()) < 5 / math.sqrt(n)
+        assert abs(np.mean(x**2) - 1) < 5 * math.sqrt(2 / n)
+        assert abs(np.mean(x**3)) < 5 * math.sqrt(15 / n)
+        assert abs(np.mean(x**4) - 3) < 5 * math.sqrt(96 / n)
+        for lag in (1, 2, 3, 1000):
+            c = (x[:, lag:] * x[:, :-lag]).mean()
+            assert abs(c) < 5 / math.sqrt(x[:, lag:].size), (lag, c)
+        assert scipy.stats.kstest(x.reshape(-1), "norm").pvalue > 1e-4
+    b = np.asarray(v["b"])
+    assert abs((b[1:] * b[:-1]).mean()) < 5 / math.sqrt(b[1:].size)
+
+
 def test_same_key_same_draws_eager_and_jit_different_keys_differ():
     # Raw Gaussian draws are bit-identical; the sphere's normalisation may be fused
     # differently by XLA under jit, so it agrees to float32 rounding (a few ulps).

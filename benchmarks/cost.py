@@ -2,7 +2,8 @@
 
 * one probe of ``sharpness`` (trace measure) and of ``hessian_trace`` (Hutchinson) / one
   ``jax.grad``;
-* ``sam`` step / SGD step and / ``optax.contrib.sam`` (opaque mode) step;
+* ``sam`` step / SGD step and / ``optax.contrib.sam`` (opaque mode) step, also without
+  the non-finite guard;
 * ``sharpness_aware`` (eq. 10) step with m perturbations / ((m + 1) SGD steps), counting the
   caller's own gradient: m + 1 gradients is the floor (one clean, m perturbed);
 * the PyTorch peers of ``peers_torch`` (when torch is installed), interleaved in the same
@@ -50,6 +51,7 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
 
     timers["sgd"] = step_timer(None)
     timers["sam"] = step_timer(phipsimu.sam(rho=RHO), "value_fn")
+    timers["sam_unguarded"] = step_timer(phipsimu.sam(rho=RHO, skip_nonfinite=False), "value_fn")
     opaque = optax.contrib.sam(
         optax.sgd(0.1),
         optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
@@ -122,7 +124,17 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
             c.median_ratio(t["sam"], t["optax_sam"]),
             range=c.ratio_range(t["sam"], t["optax_sam"]),
             goal=("<=", 1.0),
-            cause="both take two gradients; the difference is per-step bookkeeping",
+            cause="both take two gradients; `sam` also checks the perturbed loss and "
+            "gradient for non-finite values and selects the step (`skip_nonfinite`, next "
+            "row without it), which `optax.contrib.sam` does not",
+        )
+    )
+    out.append(
+        c.figure(
+            "cost",
+            "`sam(skip_nonfinite=False)` step / `optax.contrib.sam` (opaque) step",
+            c.median_ratio(t["sam_unguarded"], t["optax_sam"]),
+            range=c.ratio_range(t["sam_unguarded"], t["optax_sam"]),
         )
     )
     for m in step_ms:

@@ -176,29 +176,38 @@ class Sampler:
 def _normal(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     """Standard normal entries, two per threefry hash.
 
-    ``jax.random.normal`` spends one hash per entry (its partitionable stream XORs the two
-    output words of each hash). Splitting the key into ⌈n/2⌉ keys hashes once per key and
-    keeps both words, so here each word makes one uniform, mapped to a normal by the
-    inverse error function as ``jax.random.normal`` does. (``jax.random.split`` rather than
-    the raw hash keeps shard_map's record of which values differ across devices.) Keys of
-    other implementations and float64 keep ``jax.random.normal``.
+    With JAX's default (partitionable) threefry stream ``jax.random.normal`` spends one hash
+    per entry: it XORs the two output words of each hash into one. Splitting the key into
+    keys laid out like the draw, with the last axis halved, hashes once per key and keeps
+    both words, side by side. Each word's top 23 bits give a uniform on the grid
+    ``±(2j + 1)·2⁻²³`` (symmetric about 0, never 0 or ±1), mapped to a normal by the inverse
+    error function, as ``jax.random.normal`` maps its uniforms. (``jax.random.split``
+    rather than the raw hash keeps shard_map's record of which values differ across
+    devices.) Keys of other implementations, float64 and complex leaves, scalars and leaves
+    whose last axis is shorter than 2 take ``jax.random.normal``. 16-bit leaves are drawn in
+    float32 and rounded on every path.
     """
     dtype = jnp.dtype(dtype)
-    if str(jax.random.key_impl(k)) != "threefry2x32" or dtype.itemsize > 4:
-        return jax.random.normal(k, shape, dtype)
-    if not shape or shape[-1] < 2:
-        return jax.random.normal(k, shape, dtype)
+    wide = jnp.float32 if dtype.itemsize < 4 else dtype
+    if (
+        str(jax.random.key_impl(k)) != "threefry2x32"
+        or dtype.itemsize > 4
+        or not shape
+        or shape[-1] < 2
+        or math.prod(shape) == 0
+    ):
+        return jax.random.normal(k, shape, wide).astype(dtype)
     # Keys laid out like the draw with the last axis halved: both words of a hash land
     # side by side. (Drawing flat and reshaping keeps XLA from fusing the draw into its
     # consumers, which cost more than the hashes saved.)
-    last = shape[-1]
-    keys = jax.random.split(k, (*shape[:-1], -(-last // 2)))
-    words = jax.random.key_data(keys).reshape(*shape[:-1], -1)[..., :last]
-    # The top 23 bits as the mantissa of a float in [1, 2), moved to [-1, 1).
-    one = np.float32(1.0).view(np.uint32)
-    u = jax.lax.bitcast_convert_type((words >> 9) | one, jnp.float32)
-    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
-    u = jnp.maximum(lo, 2.0 * u - 3.0)
+    half = -(-shape[-1] // 2)
+    keys = jax.random.split(k, (*shape[:-1], half))
+    words = jax.random.key_data(keys).reshape(*shape[:-1], 2 * half)[..., : shape[-1]]
+    # The top 23 bits b give the odd integer 2b + 1 − 2²³ in (−2²³, 2²³). It and its product
+    # with 2⁻²³ are exact in float32, and the grid is built in integers, so no rewrite of
+    # float constants under jit can move it; no clamp is needed before erf_inv.
+    odd = (words >> 9).astype(jnp.int32) * 2 + (1 - 2**23)
+    u = odd.astype(jnp.float32) * np.float32(2.0**-23)
     return (np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)).astype(dtype)
 
 

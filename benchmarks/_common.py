@@ -169,6 +169,19 @@ def ratio_range(num: list[float], den: list[float], scale: float = 1.0) -> list[
     return [min(ratios), max(ratios)]
 
 
+def ratio_figure(
+    suite: str, label: str, num: list[float], den: list[float], scale: float = 1.0, **extra: Any
+) -> dict[str, Any]:
+    """:func:`figure` of the median per-repeat ratio ``num / (scale · den)``, with its range."""
+    return figure(
+        suite,
+        label,
+        median_ratio(num, den, scale),
+        range=ratio_range(num, den, scale),
+        **extra,
+    )
+
+
 def fit_exponent(xs, ys) -> float:
     """Slope of log y against log x (least squares): cost ∝ xᵏ."""
     return float(np.polyfit(np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float)), 1)[0])

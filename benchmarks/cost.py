@@ -73,11 +73,12 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
     out = []
     for m in probe_ms:
         out.append(
-            c.figure(
+            c.ratio_figure(
                 "cost",
                 f"`sharpness` probe / `jax.grad`, m = {m}",
-                c.median_ratio(t[f"probe{m}"], t["grad"], m),
-                range=c.ratio_range(t[f"probe{m}"], t["grad"], m),
+                t[f"probe{m}"],
+                t["grad"],
+                m,
                 goal=("<=", 1.5),
                 unit="gradients",
                 cause="a probe is a second directional derivative (nested JVPs through "
@@ -85,11 +86,12 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
             )
         )
     out.append(
-        c.figure(
+        c.ratio_figure(
             "cost",
             f"`hessian_trace` (Hutchinson) probe / `jax.grad`, m = {hutch_m}",
-            c.median_ratio(t["hutchinson"], t["grad"], hutch_m),
-            range=c.ratio_range(t["hutchinson"], t["grad"], hutch_m),
+            t["hutchinson"],
+            t["grad"],
+            hutch_m,
             goal=("<=", 1.5),
             unit="gradients",
             cause="a probe is one quadratic form (nested JVPs through the loss) and one "
@@ -98,31 +100,32 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
     )
     for name in samplers:
         out.append(
-            c.figure(
+            c.ratio_figure(
                 "cost",
                 f"drawing one probe ({name}, m = {hutch_m}) / `jax.grad`",
-                c.median_ratio(t[f"draw {name}"], t["grad"], hutch_m),
-                range=c.ratio_range(t[f"draw {name}"], t["grad"], hutch_m),
+                t[f"draw {name}"],
+                t["grad"],
+                hutch_m,
                 unit="gradients",
             )
         )
     out.append(
-        c.figure(
+        c.ratio_figure(
             "cost",
             "`sam` step / SGD step",
-            c.median_ratio(t["sam"], t["sgd"]),
-            range=c.ratio_range(t["sam"], t["sgd"]),
+            t["sam"],
+            t["sgd"],
             goal=("<=", 2.1),
             cause="SAM needs two gradients per step; anything above 2 is the normalisation "
             "and the perturbed-params update, which are memory-bound at this size",
         )
     )
     out.append(
-        c.figure(
+        c.ratio_figure(
             "cost",
             "`sam` step / `optax.contrib.sam` (opaque) step",
-            c.median_ratio(t["sam"], t["optax_sam"]),
-            range=c.ratio_range(t["sam"], t["optax_sam"]),
+            t["sam"],
+            t["optax_sam"],
             goal=("<=", 1.0),
             cause="both take two gradients; `sam` also checks the perturbed loss and "
             "gradient for non-finite values and selects the step (`skip_nonfinite`, next "
@@ -130,20 +133,21 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
         )
     )
     out.append(
-        c.figure(
+        c.ratio_figure(
             "cost",
             "`sam(skip_nonfinite=False)` step / `optax.contrib.sam` (opaque) step",
-            c.median_ratio(t["sam_unguarded"], t["optax_sam"]),
-            range=c.ratio_range(t["sam_unguarded"], t["optax_sam"]),
+            t["sam_unguarded"],
+            t["optax_sam"],
         )
     )
     for m in step_ms:
         out.append(
-            c.figure(
+            c.ratio_figure(
                 "cost",
                 f"eq. 10 step / ((m + 1) SGD steps), m = {m}",
-                c.median_ratio(t[f"eq10_{m}"], t["sgd"], m + 1),
-                range=c.ratio_range(t[f"eq10_{m}"], t["sgd"], m + 1),
+                t[f"eq10_{m}"],
+                t["sgd"],
+                m + 1,
                 goal=("<=", 1.25),
                 cause="every repeat misses the goal; besides the m + 1 gradients the step "
                 "draws m probes (threefry normals for every coordinate; see the drawing row) "
@@ -161,11 +165,11 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
             else None
         )
         out.append(
-            c.figure(
+            c.ratio_figure(
                 "peers",
                 f"PyTorch eq. 10 step (authors' style) / ours, m = {m}",
-                c.median_ratio(t["torch_eq10"], t[f"eq10_{m}"]),
-                range=c.ratio_range(t["torch_eq10"], t[f"eq10_{m}"]),
+                t["torch_eq10"],
+                t[f"eq10_{m}"],
                 goal=(">=", 1.3),
                 unit="× faster",
                 torch_threads=threads,
@@ -175,11 +179,11 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
             )
         )
         out.append(
-            c.figure(
+            c.ratio_figure(
                 "peers",
                 f"PyHessian-style Hutchinson probe / ours, m = {hutch_m}",
-                c.median_ratio(t["torch_hutch"], t["hutchinson"]),
-                range=c.ratio_range(t["torch_hutch"], t["hutchinson"]),
+                t["torch_hutch"],
+                t["hutchinson"],
                 goal=(">=", 2.0),
                 unit="× faster",
                 cause="PyHessian's double-backward HVP reuses one retained graph, so its "

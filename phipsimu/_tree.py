@@ -302,9 +302,9 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
     In the chunked loop, everything ``fn`` captures (the params, the batch) enters each
     iteration through ``lax.optimization_barrier`` together with the iteration's samples.
     Without it XLA hoists the parts of nested JVPs that do not depend on the samples out of
-    the loop, and the copies left inside can no longer be merged with their duplicates: on
-    the digits MLP (CPU) a `sharpness` probe at m = 16 and 64 cost 1.58 and 1.56 gradients
-    without the barrier and 1.16 and 1.12 with it (``python -m benchmarks --only cost``)."""
+    the loop, and the copies left inside can no longer be merged with their duplicates (the
+    probe rows of ``python -m benchmarks --only cost`` show the cost; the CHANGELOG gives the
+    figures before and after)."""
     if chunk_size is None:
         return jax.vmap(fn)(v)
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(jax.tree_util.tree_map(_first, v))

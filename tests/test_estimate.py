@@ -277,9 +277,10 @@ def test_same_key_eager_vs_jit_and_different_keys(small_mlp):
 
 
 def test_chunked_equals_vmapped(small_mlp):
+    """The same probes in one vmap (chunk_size=num_samples) and in chunks of 3."""
     params, x, y, _ = small_mlp
     kwargs = {"num_samples": 10}
-    a = phipsimu.sharpness(mlp_loss, phipsimu.measures.trace(), **kwargs)(
+    a = phipsimu.sharpness(mlp_loss, phipsimu.measures.trace(), chunk_size=10, **kwargs)(
         params, x, y, key=jax.random.key(0)
     )
     b = phipsimu.sharpness(mlp_loss, phipsimu.measures.trace(), chunk_size=3, **kwargs)(

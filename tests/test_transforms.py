@@ -77,27 +77,45 @@ class TestContract:
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
     def test_float32_and_float64(self, name, dtype):
+        """The transform's own updates keep the params' dtype (``optax.apply_updates`` would
+        cast them back and hide a wrong one)."""
         with jax.enable_x64(dtype == jnp.float64):
-            tx = optax.chain(TRANSFORMS[name](), optax.sgd(0.1))
+            tx = TRANSFORMS[name]()
             params = make_params(dtype)
-            state = tx.init(params)
-            params, state = make_step(tx)(params, state)
-            assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(params))
+            value_fn = lambda p: mlp_loss(p, X.astype(dtype), Y.astype(dtype))  # noqa: E731
+            grads = jax.grad(value_fn)(params)
+            updates, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=value_fn))(
+                grads, tx.init(params), params
+            )
+            assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(updates))
 
     def test_inject_hyperparams(self, name):
+        """An injected rho is the rho the update uses: with the built-in value the update is
+        the plain transform's, and changing it changes the update."""
         if name.startswith("sam") or name == "asam":
             factory = optax.inject_hyperparams(phipsimu.sam)
-            inner = factory(rho=0.05, adaptive=name == "asam")
+            kwargs = dict(adaptive=name == "asam", eta=0.01 if name == "asam" else 0.0)
+            inner = factory(rho=0.05, **kwargs)
+            plain = phipsimu.sam(rho=0.05, **kwargs)
         else:
             factory = optax.inject_hyperparams(phipsimu.sharpness_aware)
             inner = factory(phipsimu.measures.trace(), rho=0.05, num_samples=4)
-        tx = optax.chain(inner, optax.sgd(0.1))
+            plain = phipsimu.sharpness_aware(phipsimu.measures.trace(), rho=0.05, num_samples=4)
         params = make_params()
-        state = tx.init(params)
-        params, state = make_step(tx)(params, state)
-        state[0].hyperparams["rho"] = jnp.asarray(0.1)
-        params, state = make_step(tx)(params, state)
-        assert np.all(np.isfinite(params[0]["w"]))
+        value_fn = lambda p: mlp_loss(p, X, Y)  # noqa: E731
+        grads = jax.grad(value_fn)(params)
+        update = jax.jit(
+            lambda tx, s: tx.update(grads, s, params, value_fn=value_fn)[0], static_argnums=0
+        )
+        state = inner.init(params)
+        injected = update(inner, state)
+        want = update(plain, plain.init(params))
+        flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])  # noqa: E731
+        # float32: a traced rho rounds differently from a constant one
+        np.testing.assert_allclose(flat(injected), flat(want), rtol=1e-5, atol=1e-7)
+        state.hyperparams["rho"] = jnp.asarray(0.1)
+        changed = update(inner, state)
+        assert np.max(np.abs(flat(changed) - flat(want))) > 1e-4 * np.max(np.abs(flat(want)))
 
     def test_multi_steps(self, name):
         tx = optax.MultiSteps(optax.chain(TRANSFORMS[name](), optax.sgd(0.1)), every_k_schedule=2)

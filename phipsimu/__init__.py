@@ -3,7 +3,7 @@
 Reference: Tahmasebi, Soleymani, Jegelka, Jaillet, "On Scale-Invariant Sharpness Measures".
 """
 
-from phipsimu import curvature, examples, measures, mu, symmetries
+from phipsimu import curvature, measures, mu, symmetries
 from phipsimu._curvature import MAX_DENSE_DIM, hvp
 from phipsimu._diagnostics import PARETO_K_THRESHOLD, Status, describe_status
 from phipsimu._estimate import exact_sharpness, sharpness
@@ -47,7 +47,6 @@ __all__ = [
     "curvature",
     "describe_status",
     "exact_sharpness",
-    "examples",
     "frobenius_sam",
     "hessian_diagonal",
     "hessian_trace",

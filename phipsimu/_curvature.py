@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,10 @@ from jax.flatten_util import ravel_pytree
 from phipsimu import _checks, _parallel, _tree
 
 PyTree = Any
+
+#: What every estimator takes as its first argument: ``loss_fn(params, *args) -> scalar`` (its
+#: Hessian is meant) or a curvature :class:`Operator`.
+Curvature = Union[Callable[..., jax.Array], "Operator"]
 
 #: Probes per chunk when ``chunk_size=None``. On an MLP 64-256-256-10 with batch 512 (CPU),
 #: chunks of 4 cost 1.0–1.6 gradients per probe for 16–64 probes, a single ``vmap`` over all

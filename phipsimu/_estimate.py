@@ -33,7 +33,7 @@ def _check_probing(measure: _measure.Measure, num_samples: Any, chunk_size: Any)
 
 
 def sharpness(
-    loss_fn: Any,
+    loss_fn: _curvature.Curvature,
     measure: _measure.Measure,
     *,
     num_samples: int,
@@ -228,7 +228,7 @@ def _certify_finite(
 
 
 def exact_sharpness(
-    loss_fn: Any,
+    loss_fn: _curvature.Curvature,
     measure: _measure.Measure,
     *,
     num_samples: int = 2**14,

@@ -77,7 +77,7 @@ class SpectralDensity(NamedTuple):
 
 
 def top_eigenvalues(
-    loss_fn: Callable[..., jax.Array],
+    loss_fn: _curvature.Curvature,
     k: int = 1,
     *,
     which: str = "LA",
@@ -167,7 +167,7 @@ def top_eigenvalues(
 
 
 def power_iteration(
-    loss_fn: Callable[..., jax.Array],
+    loss_fn: _curvature.Curvature,
     *,
     num_iterations: int = 100,
     tol: float = 1e-5,
@@ -271,7 +271,7 @@ def _slq(
 
 
 def _slq_estimator(
-    loss_fn: Any,
+    loss_fn: _curvature.Curvature,
     finish: Callable[[jax.Array, jax.Array, int], Any],
     *,
     num_samples: int,
@@ -308,7 +308,7 @@ def _slq_estimator(
 
 
 def trace_function(
-    loss_fn: Callable[..., jax.Array],
+    loss_fn: _curvature.Curvature,
     f: Callable[[jax.Array], jax.Array],
     *,
     num_samples: int,
@@ -368,7 +368,7 @@ def trace_function(
 
 
 def log_determinant(
-    loss_fn: Callable[..., jax.Array],
+    loss_fn: _curvature.Curvature,
     *,
     damping: float = 0.0,
     num_samples: int,
@@ -457,7 +457,7 @@ def log_determinant(
 
 
 def spectral_density(
-    loss_fn: Callable[..., jax.Array],
+    loss_fn: _curvature.Curvature,
     *,
     num_samples: int,
     num_iterations: int = 80,

@@ -120,7 +120,7 @@ def _xtrace(op: _curvature.Bound, vs: list) -> jax.Array:
 
 
 def hessian_trace(
-    loss_fn: Callable[..., jax.Array],
+    loss_fn: _curvature.Curvature,
     *,
     num_matvecs: int,
     method: str = "hutchinson",
@@ -233,7 +233,7 @@ def hessian_trace(
 
 
 def hessian_diagonal(
-    loss_fn: Any,
+    loss_fn: _curvature.Curvature,
     *,
     num_samples: int | None = None,
     exact: bool = False,

@@ -18,6 +18,7 @@ and, on GPU/TPU, as many at once as fit :data:`ACCELERATOR_CHUNK_BYTES` (:func:`
 from phipsimu._curvature import (
     ACCELERATOR_CHUNK_BYTES,
     DEFAULT_CHUNK,
+    Curvature,
     DataParallel,
     GaussNewton,
     Hessian,
@@ -33,6 +34,7 @@ from phipsimu._curvature import (
 __all__ = [
     "ACCELERATOR_CHUNK_BYTES",
     "DEFAULT_CHUNK",
+    "Curvature",
     "DataParallel",
     "GaussNewton",
     "Hessian",

@@ -104,3 +104,52 @@ def matfree_quadratic():
     loss, params = quadratic_loss(a)
     hvp = phipsimu.hvp(loss)
     return a, loss, params, lambda v: hvp(params, v)
+
+
+# Compile-heavy unit tests (over 20 worker-seconds each on the 2-core machine in
+# `pytest -n 2 --durations=0`): the first case of each stays in the fast suite, so every
+# guarantee is exercised there once, and the other cases run with `pytest -m slow`. A test
+# that is not parametrized is all slow. End-to-end checks carry `pytest.mark.slow` in their
+# own modules.
+HEAVY = {
+    "tests/test_convention.py::test_every_estimator_takes_an_operator_and_batches",
+    "tests/test_curvature.py::test_hvp_matches_dense_hessian",
+    "tests/test_curvature.py::test_quadratic_forms_match_dense",
+    "tests/test_estimate.py::test_determinant_mc_matches_slogdet",
+    "tests/test_invariance.py::TestBiasFreeSquareMLP::test_measures",
+    "tests/test_invariance.py::test_property_layer_rescaling_of_random_square_nets",
+    "tests/test_mu.py::test_sphere_property_any_pytree",
+    "tests/test_mu_product.py::test_property_equivariance_under_random_groupwise_det_one_rescalings",
+    "tests/test_objective.py::test_gradient_is_the_universal_sam_update",
+    "tests/test_objective.py::test_leading_term_converges_to_sharpness_at_a_minimum",
+    "tests/test_objective.py::test_leading_term_on_example1_manifold",
+    "tests/test_objective_gradients.py::test_adaptive_gradient_flows_through_the_metric",
+    "tests/test_objective_gradients.py::test_gradient_through_log_weights_that_depend_on_x",
+    "tests/test_objective_gradients.py::test_gradient_with_respect_to_the_batch_is_exact",
+    "tests/test_objective_gradients.py::test_nan_loss_gives_nan_objective",
+    "tests/test_objective_gradients.py::test_one_pass_rule_equals_grad_of_the_rematerialised_objective",
+    "tests/test_retrace.py::test_second_eager_call_does_not_trace_again",
+    "tests/test_spectral.py::test_dataset_accumulation_with_unequal_batches_equals_full_batch",
+    "tests/test_spectral.py::test_dataset_path_does_not_retrace_on_a_second_call",
+    "tests/test_spectral.py::test_per_block_analysis_matches_dense_diagonal_blocks",
+    "tests/test_spectral.py::test_slq_log_determinant_agrees_with_matfree",
+    "tests/test_spectral.py::test_top_eigenvalues_match_dense_eigh",
+    "tests/test_trace.py::test_hutchinson_and_xtrace_agree_with_matfree",
+    "tests/test_transforms.py::TestContract::test_float32_and_float64",
+    "tests/test_transforms.py::TestContract::test_inject_hyperparams",
+    "tests/test_transforms.py::TestContract::test_multi_steps",
+    "tests/test_transforms.py::TestContract::test_state_survives_numpy_round_trip",
+    "tests/test_transforms.py::test_nan_loss_gives_nan_updates_and_apply_if_finite_skips",
+    "tests/test_transforms.py::test_zero_gradient_gives_finite_updates",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    seen = set()
+    for item in items:
+        name = item.nodeid.split("[")[0]
+        if name not in HEAVY:
+            continue
+        if name in seen or "[" not in item.nodeid:
+            item.add_marker(pytest.mark.slow)
+        seen.add(name)

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_json_and_table(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
@@ -39,7 +42,6 @@ def test_quick_suite_writes_json_and_table(tmp_path):
 def test_torch_peer_eq10_direction_matches_jax():
     """The PyTorch peer computes the same eq. 10 direction (trace measure) as JAX does for the
     same draws: ∇L + (2/m)·Σ(∇L(x + ρv_i) − ∇L(x))."""
-    import pytest
 
     torch = pytest.importorskip("torch")
     import jax

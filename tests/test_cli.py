@@ -22,6 +22,7 @@ def run(*args, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_demo_quick_table_and_figure(tmp_path):
     out = tmp_path / "demo.png"
     result = run("demo", "--quick", "--out", str(out), timeout=900)

@@ -13,6 +13,8 @@ from conftest import random_spd
 import phipsimu
 from phipsimu import Status
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m slow` (.ci/run runs it)
+
 KEYS = 200
 MIN_COVERAGE = 0.90
 

@@ -15,6 +15,8 @@ from conftest import example1
 
 import phipsimu
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m slow` (.ci/run runs it)
+
 
 def minimise(adaptive, rho, start, steps=20_000, lr=0.02):
     obj = phipsimu.sharpness_aware_loss(

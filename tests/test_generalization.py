@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m slow` (.ci/run runs it)
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
 TRAINING_KEYS = {
     "dataset",

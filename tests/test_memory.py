@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m slow` (.ci/run runs it)
+
 pytestmark = pytest.mark.skipif(
     not pathlib.Path("/proc/self/status").exists(), reason="peak RSS is read from Linux /proc"
 )

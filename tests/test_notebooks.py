@@ -53,6 +53,7 @@ def test_badge_and_install_cell(path):
     assert '"phipsimu[examples]"' in install and "find_spec" in install
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path):
     nb = execute(path, quick=True, timeout=900)  # raises CellExecutionError on a failing cell

@@ -48,12 +48,14 @@ def eight_devices() -> str:
     return run_check("transforms", "m_sharpness", "estimators", "recipes", "fsdp", "samples")
 
 
+@pytest.mark.slow
 def test_transforms_match_single_device_on_8_devices(eight_devices):
     for mode in MODES:
         for name in ("sam", "asam", "frobenius_sam", "random_sam", "determinant", "eigen_moment2"):
             assert f"ok {name} {mode}" in eight_devices
 
 
+@pytest.mark.slow
 def test_m_sharpness_replicas_stay_equal_on_8_devices(eight_devices):
     """sync=False: per-device perturbations, and still the same update on every device."""
     for mode in ("pmap", "shard_map"):
@@ -61,23 +63,27 @@ def test_m_sharpness_replicas_stay_equal_on_8_devices(eight_devices):
             assert f"ok sync=False {name} {mode} device 7 = device 0" in eight_devices
 
 
+@pytest.mark.slow
 def test_objective_and_estimators_match_single_device_on_8_devices(eight_devices):
     for mode in MODES:
         for name in ("sharpness_aware_loss frobenius", "sharpness frobenius", "top_eigenvalues"):
             assert f"ok {name} {mode}" in eight_devices
 
 
+@pytest.mark.slow
 def test_readme_recipes_match_single_device_on_8_devices(eight_devices):
     for name in ("sharded jit", "shard_map", "pmap device 7"):
         assert f"ok README {name}" in eight_devices
 
 
+@pytest.mark.slow
 def test_fsdp_params_stay_sharded_on_8_devices(eight_devices):
     for name in ("sam", "asam", "frobenius", "random_sam"):
         assert f"ok {name} fsdp:" in eight_devices
         assert f"ok {name} fsdp shardings kept" in eight_devices
 
 
+@pytest.mark.slow
 def test_samples_sharded_over_8_devices_match_one_device(eight_devices):
     """The same key gives the same perturbations and answer with m/8 of them per device."""
     for mode in MODES[:3]:
@@ -106,6 +112,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process():
     """Two processes (one CPU device each, gloo collectives) train with the README's several
     hosts recipe; each compares the result with its own single-device run on the whole batch."""

@@ -24,7 +24,8 @@ def test_ci_runs_the_readme_test_command():
         for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    assert lines[-1] == readme_commands()[1]
+    assert lines[-2] == readme_commands()[1]
+    assert lines[-1] == "pytest -n 2 -m slow"
 
 
 def test_readme_test_command_uses_installed_tools():
@@ -35,3 +36,20 @@ def test_readme_test_command_uses_installed_tools():
         assert "pytest-xdist" in dev
     for tool in ("mypy", "pdoc", "ruff", "nbclient", "chex"):
         assert tool in dev, tool
+
+
+def test_heavy_table_names_tests_that_exist():
+    """Every entry of tests/conftest.py's HEAVY is a test function (or method) in its file,
+    so renaming a test cannot silently move it into the fast suite's budget."""
+    import ast
+
+    from conftest import HEAVY
+
+    for entry in HEAVY:
+        path, *names = entry.split("::")
+        tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+        scope = tree.body
+        for name in names:
+            found = [n for n in scope if getattr(n, "name", None) == name]
+            assert found, entry
+            scope = getattr(found[0], "body", [])

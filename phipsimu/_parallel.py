@@ -52,7 +52,9 @@ def axis_size(axis_name: str, name: str = "axis_name") -> int:
         ) from None
 
 
-def _varying(x: Any) -> frozenset:
+def varying_axes(x: Any) -> frozenset:
+    """The ``shard_map`` axes along which ``x`` (an array, tracer or ``ShapeDtypeStruct``) is
+    typed as varying; empty outside ``shard_map`` or without its checks."""
     aval = jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)
     if mat is not None:
@@ -60,16 +62,22 @@ def _varying(x: Any) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))
 
 
+def vary_along(x: Any, axes: frozenset) -> Any:
+    """``x`` typed as varying along ``axes`` as well (values unchanged, no communication)."""
+    missing = tuple(axes - varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def tracks_varying(axis_name: str) -> bool:
     """Whether JAX tracks varying values along ``axis_name`` (``shard_map`` with its default
     ``check_vma=True``); False under ``pmap``, ``vmap`` and ``shard_map(check_vma=False)``."""
-    return axis_name in _varying(jax.lax.axis_index(axis_name))
+    return axis_name in varying_axes(jax.lax.axis_index(axis_name))
 
 
 def is_varying(x: Any, axis_name: str) -> bool:
     """Whether ``x`` (an array, tracer or ``ShapeDtypeStruct``) is typed as varying along
     ``axis_name`` (only meaningful when :func:`tracks_varying`)."""
-    return axis_name in _varying(x)
+    return axis_name in varying_axes(x)
 
 
 def pmean(tree: PyTree, axis_name: str | None) -> PyTree:

@@ -68,6 +68,19 @@ def vary_along(x: Any, axes: frozenset) -> Any:
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
+def sum_to(x: Any, axes: frozenset) -> Any:
+    """``x`` summed over the axes it varies along that are not in ``axes``: the transpose of
+    :func:`vary_along`, so the cotangent of a value typed as varying along ``axes`` from a
+    per-device one (``psum``; ``x`` itself when there is nothing to sum)."""
+    extra = tuple(varying_axes(x) - axes)
+    return jax.lax.psum(x, extra) if extra else x
+
+
+def union_axes(tree: PyTree) -> frozenset:
+    """Every axis along which some leaf of ``tree`` is typed as varying."""
+    return frozenset().union(*map(varying_axes, jax.tree_util.tree_leaves(tree)))
+
+
 def tracks_varying(axis_name: str) -> bool:
     """Whether JAX tracks varying values along ``axis_name`` (``shard_map`` with its default
     ``check_vma=True``); False under ``pmap``, ``vmap`` and ``shard_map(check_vma=False)``."""
@@ -111,6 +124,25 @@ def mean_gradient(grads: list, loss: Any, axis_name: str) -> list:
         else:
             out.append(g)
     return out
+
+
+def device_gradient(grads: list, fn: Any, x: list, axis_name: str) -> list:
+    """Each device's own gradient ``∇L_k`` of its local loss ``fn`` at ``x``, from the
+    gradients JAX gave the user for it (m-sharpness: each device perturbs along its own).
+
+    Under ``pmap``/``check_vma=False``, and for a leaf typed as varying, ``grads`` hold it.
+    Under tracked varying values an unvarying leaf of a varying loss holds JAX's sum
+    ``Σ_k ∇L_k``, from which no device's own can be recovered: those leaves are recomputed
+    (one more gradient of the local loss). An unvarying loss (the user averaged it already)
+    is the same on every device, and so is its gradient: ``grads`` as they are.
+    """
+    if not tracks_varying(axis_name) or not is_varying(jax.eval_shape(fn, x), axis_name):
+        return grads
+    summed = [not is_varying(g, axis_name) for g in grads]
+    if not any(summed):
+        return grads
+    own = local_gradient(fn, x, axis_name)
+    return [o if s else g for g, o, s in zip(grads, own, summed)]
 
 
 def global_value_fn(value_fn: Any, axis_name: str | None) -> Any:

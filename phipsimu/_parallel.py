@@ -196,5 +196,12 @@ def sample_block(axis_name: str, num: int, what: str) -> tuple[int, jax.Array]:
 
 
 def gather_samples(x: jax.Array, axis_name: str) -> jax.Array:
-    """Every device's block of per-sample values, concatenated in sample order."""
-    return jax.lax.all_gather(x, axis_name, tiled=True)
+    """Every device's block of per-sample values, concatenated in sample order.
+
+    The result is the same on every device, and under tracked varying values it is typed so
+    (``to="invarying"``, whose transpose hands each device its own block's cotangent):
+    everything computed from it, down to the estimate and the update, can leave
+    ``shard_map`` with ``out_specs=P()``. Elsewhere the plain ``all_gather``, whose
+    transpose ``pmap`` and ``check_vma=False`` need."""
+    to = "invarying" if tracks_varying(axis_name) else "varying"
+    return jax.lax.all_gather(x, axis_name, tiled=True, to=to)

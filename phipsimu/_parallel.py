@@ -55,7 +55,9 @@ def axis_size(axis_name: str, name: str = "axis_name") -> int:
 def varying_axes(x: Any) -> frozenset:
     """The ``shard_map`` axes along which ``x`` (an array, tracer or ``ShapeDtypeStruct``) is
     typed as varying; empty outside ``shard_map`` or without its checks."""
-    aval = jax.typeof(x)
+    # a ShapeDtypeStruct carries its type; jax.typeof of one from eval_shape inside a
+    # shard_map over some of the mesh axes (axis_names=...) fails an assertion in JAX 0.10
+    aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)
     if mat is not None:
         return frozenset(mat.varying)

@@ -38,8 +38,11 @@ any nonlinear φ or ψ is applied. ``sync=False`` keeps the sharpness term per d
 updates are averaged, so replicas stay equal (the same updates as under ``pmap``; under
 ``shard_map``'s default checks the gradient JAX gives for the local loss is the sum over
 devices, so ``sam`` recomputes each device's own gradient there: one more gradient per
-step). Params must be replicated along ``axis_name``
-(they may be sharded along other mesh axes). The metrics in the state are averaged over
+step). Params must be replicated along ``axis_name``. They may be sharded along other mesh
+axes that the compiler partitions (``jax.jit`` with a ``NamedSharding``, or ``shard_map``
+over the data axis alone, ``axis_names={"data"}``), where every leaf keeps its full shape;
+not split by hand inside ``shard_map``, where a device sees only its shard of a leaf and
+norms and draws would be those of the shard. The metrics in the state are averaged over
 devices too.
 """
 

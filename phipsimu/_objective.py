@@ -252,7 +252,14 @@ def _one_pass(
     strength (``NotImplementedError``).
     """
     leaves = jax.tree_util.tree_leaves(params)
-    closed, shape = jax.make_jaxpr(losses_at, return_shape=True)(params, indices[0])
+    # Under shard_map's checks, a term that varies across devices (per-device losses, as
+    # with m-sharpness) is differentiated with respect to per-device copies of the params:
+    # each sample's gradient must meet its device's own weights before the sum over devices
+    # (in bwd). The program is traced with the params typed that way, as it is evaluated.
+    axes = _parallel.union_axes((jax.eval_shape(losses_at, params, indices[0]), base, leaves))
+    closed, shape = jax.make_jaxpr(losses_at, return_shape=True)(
+        _vary_all(params, axes), indices[0]
+    )
     acc = accumulation_dtype(shape[1].dtype, base.dtype)
     consts, n = list(closed.consts), len(leaves)
     out_tree = jax.tree_util.tree_structure(shape)
@@ -260,7 +267,8 @@ def _one_pass(
     def sample(flat: list, i: jax.Array) -> tuple[jax.Array, jax.Array]:
         # ``losses_at`` with everything it captures (the key, the caller's batch, ρ) as
         # explicit inputs ``flat[n:]``, after the param leaves ``flat[:n]``
-        out = jax.core.eval_jaxpr(closed.jaxpr, flat[n:], *flat[:n], i)
+        params_ = _vary_all(flat[:n], axes)
+        out = jax.core.eval_jaxpr(closed.jaxpr, flat[n:], *params_, i)
         return jax.tree_util.tree_unflatten(out_tree, out)
 
     def primal(flat: list, base_: jax.Array, hyper_: tuple, indices_: jax.Array) -> tuple:
@@ -274,11 +282,13 @@ def _one_pass(
                 "sharpness-aware term is not differentiable in its hyperparameters; pass "
                 "them through jax.lax.stop_gradient"
             )
-        rho, s = (h.value for h in hyper_)
+        hyper_vals = [h.value for h in hyper_]
+        rho, s = hyper_vals
         # only the floating-point inputs being differentiated get a running sum
         wanted = [x.perturbed and jnp.issubdtype(x.value.dtype, jnp.inexact) for x in flat]
         flat = [x.value for x in flat]
         diff = [x for x, w in zip(flat, wanted) if w]
+        diff_at = [j for j, w in enumerate(wanted) if w]
         base_ = base_.value
         base_wide = base_.astype(acc)
 
@@ -286,11 +296,29 @@ def _one_pass(
             it = iter(new)
             return [next(it) if w else x for x, w in zip(flat, wanted)]
 
+        for j, (x, w) in enumerate(zip(flat, wanted)):
+            if w and j >= n and not axes <= _parallel.varying_axes(x):
+                raise NotImplementedError(
+                    "the sharpness-aware term varies across devices along "
+                    f"{sorted(axes)}, and one of the arguments it is differentiated in is "
+                    "not: its gradient would sum the devices before their weights apply. "
+                    "Differentiate in the params, or type that argument as varying "
+                    "(jax.lax.pcast(..., to='varying'))"
+                )
+        # per-device copies of the params (see above): no sum over devices per sample
+        diff = [_parallel.vary_along(x, axes) if j < n else x for x, j in zip(diff, diff_at)]
+
         def one(i: jax.Array) -> tuple:
             (out, log_w), vjp_fn = jax.vjp(lambda xs: sample(with_diff(xs), i), diff)
             wide, lw = out.astype(acc), log_w.astype(acc)
             ell, ct_out, ct_lw, ct_base = reduction.local(wide, lw, base_wide, rho)
-            (grads,) = vjp_fn((ct_out.astype(out.dtype), ct_lw.astype(log_w.dtype)))
+            # a weight that varies across devices on an output that does not (a constant
+            # log-weight beside per-device losses): the sum over devices is its cotangent
+            cts = [
+                _parallel.sum_to(c.astype(y.dtype), _parallel.varying_axes(y))
+                for c, y in ((ct_out, out), (ct_lw, log_w))
+            ]
+            (grads,) = vjp_fn(tuple(cts))
             return (out, log_w), ell, grads, ct_base
 
         def block(carry: tuple, idx: jax.Array) -> tuple:
@@ -304,6 +332,8 @@ def _one_pass(
 
         zeros = [jnp.zeros(x.shape, jnp.promote_types(x.dtype, acc)) for x in diff]
         start = (zeros, jnp.array(-jnp.inf, acc), jnp.zeros((), acc), jnp.zeros((), acc))
+        if _parallel.union_axes((flat, base_, hyper_vals, indices_.value)):
+            start = _settle_carry(block, start, indices_.value[:chunk])
         (sums, _, total, base_sum), (out, log_w) = _fold(block, start, indices_.value, chunk)
         factor = reduction.outer(out.astype(acc), log_w.astype(acc), base_wide, total, rho, s)
         value, losses = reduction.finish(out, log_w, base_, rho, s)
@@ -317,15 +347,45 @@ def _one_pass(
         if isinstance(ct, jax.custom_derivatives.SymbolicZero):
             return None, None, None, None
         scale = ct.astype(factor.dtype) * factor
-        grads = [None if a is None else (scale * a).astype(t) for a, t in zip(sums, dtypes)]
-        return grads, (ct * base_grad).astype(base.dtype), None, None
+        # per-device sums are summed over the devices along which their input does not vary
+        grads = [
+            None if a is None else _parallel.sum_to((scale * a).astype(t), v)
+            for a, t, v in zip(sums, dtypes, vmas)
+        ]
+        ct_base = _parallel.sum_to((ct * base_grad).astype(base.dtype), base_vma)
+        return grads, ct_base, None, None
 
     flat0 = leaves + consts
     dtypes = [jnp.result_type(x) for x in flat0]
+    vmas = [_parallel.varying_axes(x) for x in flat0]
+    base_vma = _parallel.varying_axes(base)
     rule = jax.custom_vjp(primal)
     rule.defvjp(fwd, bwd, symbolic_zeros=True)
     value, losses = rule(flat0, base, hyper, indices)
     return value, jax.lax.stop_gradient(losses)
+
+
+def _vary_all(tree: PyTree, axes: frozenset) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: _parallel.vary_along(x, axes), tree)
+
+
+def _settle_carry(block: Callable, carry: Any, idx: jax.Array) -> Any:
+    """``carry`` typed as varying along every ``shard_map`` axis that one ``block`` adds to
+    it (the running sums become per-device when a device's own weights enter them), so a
+    scan's carry keeps one type. Values unchanged; typing an unvarying value as varying would
+    make the final sum over devices count it N times, so only what ``block`` adds."""
+    while True:
+        out = jax.eval_shape(block, carry, idx)[0]
+        grown = jax.tree_util.tree_map(
+            lambda c, o: _parallel.vary_along(c, _parallel.varying_axes(o)), carry, out
+        )
+        same = all(
+            _parallel.varying_axes(a) == _parallel.varying_axes(b)
+            for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(grown))
+        )
+        if same:
+            return carry
+        carry = grown
 
 
 def _fold(block: Callable, carry: Any, indices: jax.Array, chunk: int | None) -> tuple:

@@ -52,24 +52,47 @@ def axis_size(axis_name: str, name: str = "axis_name") -> int:
         ) from None
 
 
-def _varying(x: Any) -> frozenset:
-    aval = jax.typeof(x)
+def varying_axes(x: Any) -> frozenset:
+    """The ``shard_map`` axes along which ``x`` (an array, tracer or ``ShapeDtypeStruct``) is
+    typed as varying; empty outside ``shard_map`` or without its checks."""
+    # a ShapeDtypeStruct carries its type; jax.typeof of one from eval_shape inside a
+    # shard_map over some of the mesh axes (axis_names=...) fails an assertion in JAX 0.10
+    aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)
     if mat is not None:
         return frozenset(mat.varying)
     return frozenset(getattr(aval, "vma", ()))
 
 
+def vary_along(x: Any, axes: frozenset) -> Any:
+    """``x`` typed as varying along ``axes`` as well (values unchanged, no communication)."""
+    missing = tuple(axes - varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def sum_to(x: Any, axes: frozenset) -> Any:
+    """``x`` summed over the axes it varies along that are not in ``axes``: the transpose of
+    :func:`vary_along`, so the cotangent of a value typed as varying along ``axes`` from a
+    per-device one (``psum``; ``x`` itself when there is nothing to sum)."""
+    extra = tuple(varying_axes(x) - axes)
+    return jax.lax.psum(x, extra) if extra else x
+
+
+def union_axes(tree: PyTree) -> frozenset:
+    """Every axis along which some leaf of ``tree`` is typed as varying."""
+    return frozenset().union(*map(varying_axes, jax.tree_util.tree_leaves(tree)))
+
+
 def tracks_varying(axis_name: str) -> bool:
     """Whether JAX tracks varying values along ``axis_name`` (``shard_map`` with its default
     ``check_vma=True``); False under ``pmap``, ``vmap`` and ``shard_map(check_vma=False)``."""
-    return axis_name in _varying(jax.lax.axis_index(axis_name))
+    return axis_name in varying_axes(jax.lax.axis_index(axis_name))
 
 
 def is_varying(x: Any, axis_name: str) -> bool:
     """Whether ``x`` (an array, tracer or ``ShapeDtypeStruct``) is typed as varying along
     ``axis_name`` (only meaningful when :func:`tracks_varying`)."""
-    return axis_name in _varying(x)
+    return axis_name in varying_axes(x)
 
 
 def pmean(tree: PyTree, axis_name: str | None) -> PyTree:
@@ -103,6 +126,25 @@ def mean_gradient(grads: list, loss: Any, axis_name: str) -> list:
         else:
             out.append(g)
     return out
+
+
+def device_gradient(grads: list, fn: Any, x: list, axis_name: str) -> list:
+    """Each device's own gradient ``∇L_k`` of its local loss ``fn`` at ``x``, from the
+    gradients JAX gave the user for it (m-sharpness: each device perturbs along its own).
+
+    Under ``pmap``/``check_vma=False``, and for a leaf typed as varying, ``grads`` hold it.
+    Under tracked varying values an unvarying leaf of a varying loss holds JAX's sum
+    ``Σ_k ∇L_k``, from which no device's own can be recovered: those leaves are recomputed
+    (one more gradient of the local loss). An unvarying loss (the user averaged it already)
+    is the same on every device, and so is its gradient: ``grads`` as they are.
+    """
+    if not tracks_varying(axis_name) or not is_varying(jax.eval_shape(fn, x), axis_name):
+        return grads
+    summed = [not is_varying(g, axis_name) for g in grads]
+    if not any(summed):
+        return grads
+    own = local_gradient(fn, x, axis_name)
+    return [o if s else g for g, o, s in zip(grads, own, summed)]
 
 
 def global_value_fn(value_fn: Any, axis_name: str | None) -> Any:
@@ -156,5 +198,12 @@ def sample_block(axis_name: str, num: int, what: str) -> tuple[int, jax.Array]:
 
 
 def gather_samples(x: jax.Array, axis_name: str) -> jax.Array:
-    """Every device's block of per-sample values, concatenated in sample order."""
-    return jax.lax.all_gather(x, axis_name, tiled=True)
+    """Every device's block of per-sample values, concatenated in sample order.
+
+    The result is the same on every device, and under tracked varying values it is typed so
+    (``to="invarying"``, whose transpose hands each device its own block's cotangent):
+    everything computed from it, down to the estimate and the update, can leave
+    ``shard_map`` with ``out_specs=P()``. Elsewhere the plain ``all_gather``, whose
+    transpose ``pmap`` and ``check_vma=False`` need."""
+    to = "invarying" if tracks_varying(axis_name) else "varying"
+    return jax.lax.all_gather(x, axis_name, tiled=True, to=to)

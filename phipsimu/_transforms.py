@@ -35,8 +35,14 @@ global batch on every device: the incoming gradients are averaged, the perturbat
 same on every device, and the loss at each perturbed point is averaged over devices *before*
 any nonlinear φ or ψ is applied. ``sync=False`` keeps the sharpness term per device
 (m-sharpness: each device draws its own perturbations and measures its own shard); the
-updates are averaged, so replicas stay equal. Params must be replicated along ``axis_name``
-(they may be sharded along other mesh axes). The metrics in the state are averaged over
+updates are averaged, so replicas stay equal (the same updates as under ``pmap``; under
+``shard_map``'s default checks the gradient JAX gives for the local loss is the sum over
+devices, so ``sam`` recomputes each device's own gradient there: one more gradient per
+step). Params must be replicated along ``axis_name``. They may be sharded along other mesh
+axes that the compiler partitions (``jax.jit`` with a ``NamedSharding``, or ``shard_map``
+over the data axis alone, ``axis_names={"data"}``), where every leaf keeps its full shape;
+not split by hand inside ``shard_map``, where a device sees only its shard of a leaf and
+norms and draws would be those of the shard. The metrics in the state are averaged over
 devices too.
 """
 
@@ -474,6 +480,8 @@ def sam(
             _parallel.axis_size(axis_name)
             if sync:
                 g = _parallel.mean_gradient(g, jax.eval_shape(loss_fn, params), axis_name)
+            else:
+                g = _parallel.device_gradient(g, lambda a: loss_fn(merge(a)), x, axis_name)
         if adaptive:
             t = [jnp.abs(xi) + eta for xi in x]
             tg = _tree.mul(t, g)

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from phipsimu import _parallel
+
 PyTree = Any
 MaskLike = PyTree | Callable[[PyTree], PyTree] | None
 Perturbed = tuple[bool, ...]
@@ -304,7 +306,8 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
     Without it XLA hoists the parts of nested JVPs that do not depend on the samples out of
     the loop, and the copies left inside can no longer be merged with their duplicates (the
     probe rows of ``python -m benchmarks --only cost`` show the cost; the CHANGELOG gives the
-    figures before and after)."""
+    figures before and after). Every value leaves the barrier with the type it had (see
+    :func:`_fence`), so the traced ``fn`` also runs inside ``jax.shard_map``'s checks."""
     if chunk_size is None:
         return jax.vmap(fn)(v)
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(jax.tree_util.tree_map(_first, v))
@@ -312,16 +315,47 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
     # extended dtypes (PRNG keys) cannot pass the barrier; integer work on them is cheap
     fenced = [i for i, c in enumerate(consts) if not _is_key(c)]
     out_tree = jax.tree_util.tree_structure(shape)
+    leaves = jax.tree_util.tree_leaves(v)
+    # one loop-varying counter per sample, for the barriers that hold no sample (_fence)
+    counter = jnp.arange(leaves[0].shape[0]) if leaves else None
 
-    def body(x: PyTree) -> Any:
+    def body(xc: tuple) -> Any:
+        x, count = xc
         inner = list(consts)
-        kept, x = jax.lax.optimization_barrier(([consts[i] for i in fenced], x))
+        kept, x = _fence([consts[i] for i in fenced], x, count)
         for i, c in zip(fenced, kept):
             inner[i] = c
-        out = jax.core.eval_jaxpr(closed.jaxpr, inner, *jax.tree_util.tree_leaves(x))
+        out = jax.core.eval_jaxpr(closed.jaxpr, inner, *x)
         return jax.tree_util.tree_unflatten(out_tree, out)
 
-    return jax.lax.map(body, v, batch_size=chunk_size)
+    return jax.lax.map(body, (leaves, counter), batch_size=chunk_size)
+
+
+def _fence(consts: list, x: list, count: Any) -> tuple[list, list]:
+    """``consts`` and the samples ``x`` through ``lax.optimization_barrier``, every value
+    coming out with the type it went in with.
+
+    ``fn``'s program was traced with those types, and its primitives are bound as they are
+    (no implicit casts): a barrier over values that vary along different ``shard_map`` axes
+    types all its outputs with the union of those axes, so a sample index would come out
+    varying next to a key that is not, and ``fold_in`` fails. So the values are fenced in one
+    barrier per set of varying axes; a set that holds no sample gets ``count`` (this
+    iteration's counter, cast to vary along the same axes: no collective, no data moved),
+    which keeps that barrier's outputs inside the loop. Without ``shard_map``'s checks
+    every set is empty: one barrier, as before."""
+    groups: dict[frozenset, list[tuple[str, int]]] = {}
+    for kind, vals in (("c", consts), ("x", x)):
+        for i, val in enumerate(vals):
+            groups.setdefault(_parallel.varying_axes(val), []).append((kind, i))
+    out = {"c": list(consts), "x": list(x)}
+    for axes, members in groups.items():
+        vals = [out[k][i] for k, i in members]
+        has_sample = any(k == "x" for k, _ in members)
+        extra = [] if has_sample else [_parallel.vary_along(count, axes)]
+        fenced = jax.lax.optimization_barrier(vals + extra)
+        for (k, i), val in zip(members, fenced):
+            out[k][i] = val
+    return out["c"], out["x"]
 
 
 def _first(a: jax.Array) -> jax.Array:

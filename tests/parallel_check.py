@@ -30,6 +30,9 @@ import phipsimu
 AXIS = "data"
 BATCH = 16
 TOL = 2e-5
+#: Perturbations and probes per estimate: two chunks of the CPU default chunk size (4), so
+#: every chunked path runs (one chunk is a plain vmap).
+NUM = 8
 
 
 def init_mlp(key, sizes=(3, 4, 2)):
@@ -52,7 +55,8 @@ def data():
 def transforms(axis_name):
     """Every transform of the library, by name, with ``axis_name``."""
     ms = phipsimu.measures
-    kw = {"rho": 0.05, "num_samples": 4, "axis_name": axis_name}
+    # more perturbations than the CPU default chunk of 4: the chunked loop runs
+    kw = {"rho": 0.05, "num_samples": NUM, "axis_name": axis_name}
     return {
         "sam": phipsimu.sam(rho=0.05, axis_name=axis_name),
         "asam": phipsimu.sam(rho=0.05, adaptive=True, eta=0.01, axis_name=axis_name),
@@ -132,21 +136,18 @@ def check_transforms(mesh):
 
     # shard_map, with JAX's varying-value checks on and off.
     sharded = [jax.device_put(a, NamedSharding(mesh, P(AXIS))) for a in (x, y, y_min)]
-    for check_vma in (True, False):
+    in_specs = (P(), P(), P(AXIS), P(AXIS), P(AXIS))
+    # with JAX's checks the updates are typed as equal on every device: out_specs=P()
+    fn = jax.shard_map(lambda *a: step_all(mapped, *a), mesh=mesh, in_specs=in_specs, out_specs=P())
+    compare("shard_map check_vma=True out_specs=P()", jax.jit(fn)(params, states, *sharded))
 
-        def body(*a):
-            return jax.tree_util.tree_map(lambda t: t[None], step_all(mapped, *a))
+    def body(*a):
+        return jax.tree_util.tree_map(lambda t: t[None], step_all(mapped, *a))
 
-        fn = jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)),
-            out_specs=P(AXIS),
-            check_vma=check_vma,
-        )
-        out = jax.jit(fn)(params, states, *sharded)
-        for k, r in enumerate(replicas(out)):
-            compare(f"shard_map check_vma={check_vma} device {k}", r)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS), check_vma=False)
+    out = jax.jit(fn)(params, states, *sharded)
+    for k, r in enumerate(replicas(out)):
+        compare(f"shard_map check_vma=False device {k}", r)
 
     # jit with the batch sharded: no axis_name.
     got = jax.jit(lambda *a: step_all(single, *a))(params, states, *sharded)
@@ -159,13 +160,21 @@ def estimators(loss_fn, axis_name):
     op = loss_fn if axis_name is None else phipsimu.curvature.data_parallel(loss_fn, axis_name)
     objectives = {
         name: phipsimu.sharpness_aware_loss(
-            loss_fn, m, rho=0.05, num_samples=4, axis_name=axis_name
+            loss_fn, m, rho=0.05, num_samples=NUM, axis_name=axis_name
         )
-        for name, m in [("frobenius", ms.frobenius())]
+        for name, m in [("frobenius", ms.frobenius()), ("trace", ms.trace())]
     }
+    krylov = {"num_samples": NUM, "num_iterations": 4}
     est = {
-        "sharpness frobenius": phipsimu.sharpness(op, ms.frobenius(), num_samples=4),
-        "hessian_trace hutch++": phipsimu.hessian_trace(op, num_matvecs=6, method="hutch++"),
+        "sharpness frobenius": phipsimu.sharpness(op, ms.frobenius(), num_samples=NUM),
+        "sharpness trace": phipsimu.sharpness(op, ms.trace(), num_samples=NUM),
+        "hessian_trace hutchinson": phipsimu.hessian_trace(op, num_matvecs=NUM),
+        "hessian_trace hutch++": phipsimu.hessian_trace(op, num_matvecs=12, method="hutch++"),
+        "hessian_trace xtrace": phipsimu.hessian_trace(op, num_matvecs=NUM, method="xtrace"),
+        "hessian_diagonal": phipsimu.hessian_diagonal(op, num_samples=NUM),
+        "log_determinant": phipsimu.log_determinant(op, damping=1.0, **krylov),
+        "trace_function": phipsimu.trace_function(op, jnp.exp, **krylov),
+        "spectral_density": phipsimu.spectral_density(op, grid_size=8, **krylov),
         "top_eigenvalues": phipsimu.top_eigenvalues(op, 2, num_iterations=6),
     }
 
@@ -182,6 +191,8 @@ def estimators(loss_fn, axis_name):
             r = e(params, x, y, key=key)
             if name == "top_eigenvalues":
                 r = r.value
+            elif name == "spectral_density":
+                r = (r.density, r.stderr)
             else:
                 r = (r.value, r.stderr)
             out[name] = r
@@ -208,18 +219,26 @@ def check_estimators(mesh):
     for k in (0, n - 1):
         compare(f"pmap device {k}", replicas(out)[k])
     sharded = [jax.device_put(a, NamedSharding(mesh, P(AXIS))) for a in (x, y)]
-    for check_vma in (True, False):
-        run = estimators(loss, AXIS)
-        fn = jax.shard_map(
-            lambda *a, run=run: jax.tree_util.tree_map(lambda t: t[None], run(*a)),
-            mesh=mesh,
-            in_specs=(P(), P(AXIS), P(AXIS), P()),
-            out_specs=P(AXIS),
-            check_vma=check_vma,
-        )
-        out = replicas(jax.jit(fn)(params, *sharded, key))
-        for k in (0, n - 1):
-            compare(f"shard_map check_vma={check_vma} device {k}", out[k])
+    # With JAX's checks the outputs must be typed as equal on every device: out_specs=P()
+    # (a global-batch answer typed as varying would fail to leave shard_map).
+    fn = jax.shard_map(
+        estimators(loss, AXIS),
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P(AXIS), P()),
+        out_specs=P(),
+    )
+    compare("shard_map check_vma=True out_specs=P()", jax.jit(fn)(params, *sharded, key))
+    run = estimators(loss, AXIS)
+    fn = jax.shard_map(
+        lambda *a: jax.tree_util.tree_map(lambda t: t[None], run(*a)),
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P(AXIS), P()),
+        out_specs=P(AXIS),
+        check_vma=False,
+    )
+    out = replicas(jax.jit(fn)(params, *sharded, key))
+    for k in (0, n - 1):
+        compare(f"shard_map check_vma=False device {k}", out[k])
     compare("sharded jit", jax.jit(estimators(loss, None))(params, *sharded, key))
 
 
@@ -256,19 +275,26 @@ def sample_sharded(sample_axis):
     (params, states, x, y, key); the batch is the same on every device."""
     ms = phipsimu.measures
     kw = {"rho": 0.05, "num_samples": 16, "sample_axis": sample_axis}
+    # chunk_size=1: each device's block of 2 runs the chunked loop, with sample indices that
+    # vary across devices and captured values that do not (not yet for the estimators: their
+    # forward-mode forms, traced once and replayed under vmap, fail shard_map's checks there)
     txs = {
-        "trace": phipsimu.sharpness_aware(ms.trace(), **kw),
+        "trace": phipsimu.sharpness_aware(ms.trace(), chunk_size=1, **kw),
         "frobenius": phipsimu.sharpness_aware(ms.frobenius(), adaptive=True, **kw),
         "random_sam antithetic": phipsimu.random_sam(antithetic=True, **kw),
     }
-    obj = phipsimu.sharpness_aware_loss(loss, ms.frobenius(), **kw)
+    obj = phipsimu.sharpness_aware_loss(loss, ms.frobenius(), chunk_size=1, **kw)
     est = phipsimu.sharpness(loss, ms.frobenius(), num_samples=16, sample_axis=sample_axis)
 
     def run(params, states, x, y, key):
-        out = {name: step(tx, params, states[name], x, y)[0] for name, tx in txs.items()}
-        grad = jax.grad(obj)(params, x, y, key=key)
+        out = {}
+        for name, tx in txs.items():
+            update, state = step(tx, params, states[name], x, y)
+            out[name] = (update, state.perturbed_losses, state.sharpness_term)
+        value, grad = jax.value_and_grad(obj)(params, x, y, key=key)
         out["sharpness_aware_loss"] = (
-            grad if sample_axis is None else jax.lax.pmean(grad, sample_axis)
+            value,
+            grad if sample_axis is None else jax.lax.pmean(grad, sample_axis),
         )
         e = est(params, x, y, key=key)
         out["sharpness"] = (e.value, e.stderr)
@@ -297,17 +323,19 @@ def check_samples(mesh):
     pmapped = jax.pmap(lambda i, *a: runs(*a), axis_name="samples", in_axes=(0,) + (None,) * 5)
     out = pmapped(jnp.arange(n), params, states, x, y, key)
     compare("pmap device 7", replicas(out)[n - 1])
-    for check_vma in (True, False):
-        fn = jax.shard_map(
-            lambda *a: jax.tree_util.tree_map(lambda t: t[None], runs(*a)),
-            mesh=samples,
-            in_specs=P(),
-            out_specs=P("samples"),
-            check_vma=check_vma,
-        )
-        out = replicas(jax.jit(fn)(params, states, x, y, key))
-        for k in (0, n - 1):
-            compare(f"shard_map check_vma={check_vma} device {k}", out[k])
+    # with JAX's checks, values equal on every device are typed so: out_specs=P()
+    fn = jax.shard_map(runs, mesh=samples, in_specs=P(), out_specs=P())
+    compare("shard_map check_vma=True out_specs=P()", jax.jit(fn)(params, states, x, y, key))
+    fn = jax.shard_map(
+        lambda *a: jax.tree_util.tree_map(lambda t: t[None], runs(*a)),
+        mesh=samples,
+        in_specs=P(),
+        out_specs=P("samples"),
+        check_vma=False,
+    )
+    out = replicas(jax.jit(fn)(params, states, x, y, key))
+    for k in (0, n - 1):
+        compare(f"shard_map check_vma=False device {k}", out[k])
     bad = phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=12, sample_axis="samples")
     try:
         jax.pmap(lambda i: bad(params, x, y, key=key).value, axis_name="samples")(jnp.arange(n))
@@ -320,42 +348,121 @@ def check_samples(mesh):
         raise AssertionError("num_samples=12 on 8 devices: no error")
 
 
+def m_sharpness_transforms(**kw):
+    ms = phipsimu.measures
+    return {
+        "sam": phipsimu.sam(rho=0.5, **kw),
+        "asam": phipsimu.sam(rho=0.5, adaptive=True, eta=0.01, **kw),
+        "frobenius": phipsimu.sharpness_aware(ms.frobenius(), rho=0.05, num_samples=NUM, **kw),
+        "trace": phipsimu.sharpness_aware(ms.trace(), rho=0.05, num_samples=NUM, **kw),
+        "random_sam": phipsimu.random_sam(rho=0.05, num_samples=NUM, **kw),
+    }
+
+
 def check_m_sharpness(mesh):
-    """sync=False (m-sharpness): per-device perturbations, replicas still equal."""
+    """sync=False (m-sharpness): per-device perturbations and gradients, replicas still equal.
+    pmap gives each device the gradient of its own loss, so its update is the documented
+    m-sharpness; shard_map (either check_vma) must give the same. With sync=True the same
+    transforms give the single-device update (checked against it here too, and differing
+    from sync=False, so the comparison can tell them apart)."""
     n = mesh.size
     params = init_mlp(jax.random.key(0))
     x, y = data()
-    ms = phipsimu.measures
-    kw = {"rho": 0.05, "axis_name": AXIS, "sync": False}
+    runs = {}
+    for sync in (False, True):
+        txs = m_sharpness_transforms(axis_name=AXIS, sync=sync)
+        states = {name: tx.init(params) for name, tx in txs.items()}
+        runs[sync] = (lambda *a, txs=txs: step_all(txs, *a, a[-1]), states)
+    shards = [a.reshape(n, -1, a.shape[-1]) for a in (x, y)]
+    run, states = runs[False]
+    pmapped = jax.pmap(run, axis_name=AXIS, in_axes=(None, None, 0, 0))(params, states, *shards)
+    reps = replicas(pmapped)
+    for name in reps[0]:
+        for k in range(1, n):
+            assert_close(
+                f"sync=False {name} pmap device {k} = device 0", reps[k][name], reps[0][name], 1e-6
+            )
+    want = reps[0]
+    sharded = [jax.device_put(a, NamedSharding(mesh, P(AXIS))) for a in (x, y)]
+    in_specs = (P(), P(), P(AXIS), P(AXIS))
+    for sync in (False, True):
+        run, states = runs[sync]
+        got = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=P()))(
+            params, states, *sharded
+        )
+        if sync:
+            single = m_sharpness_transforms()
+            states1 = {name: tx.init(params) for name, tx in single.items()}
+            ref = jax.jit(lambda *a, t=single: step_all(t, *a, a[-1]))(params, states1, x, y)
+            for name in got:
+                assert_close(f"sync=True {name} shard_map check_vma=True", got[name], ref[name])
+                diff = max(
+                    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(jax.tree.leaves(ref[name]), jax.tree.leaves(want[name]))
+                )
+                assert diff > 1e-3, f"{name}: sync=True and sync=False agree ({diff:.2g})"
+            continue
+        for name in got:
+            assert_close(
+                f"sync=False {name} shard_map check_vma=True = pmap", got[name], want[name]
+            )
+        fn = jax.shard_map(
+            lambda *a, run=run: jax.tree_util.tree_map(lambda t: t[None], run(*a)),
+            mesh=mesh,
+            in_specs=in_specs,
+            out_specs=P(AXIS),
+            check_vma=False,
+        )
+        out = replicas(jax.jit(fn)(params, states, *sharded))
+        for k, r in ((0, out[0]), (n - 1, out[n - 1])):
+            for name in r:
+                assert_close(
+                    f"sync=False {name} shard_map check_vma=False device {k} = pmap",
+                    r[name],
+                    want[name],
+                )
+
+
+def check_fsdp_shard_map(mesh):
+    """shard_map over the data axis alone of a (data 4, model 2) mesh, params sharded along
+    the model axis (left to the compiler): sync=False gives pmap's m-sharpness update on 4
+    devices, and every update keeps its parameter's sharding."""
+    mesh2 = jax.make_mesh((4, 2), (AXIS, "model"), (jax.sharding.AxisType.Auto,) * 2)
+    params = init_mlp(jax.random.key(0), sizes=(3, 8, 2))
+    specs = [{"w": P(None, "model"), "b": P("model")}, {"w": P("model", None), "b": P()}]
+    sharded = jax.device_put(
+        params, jax.tree_util.tree_map(lambda s: NamedSharding(mesh2, s), specs)
+    )
+    x, y = data()
     txs = {
-        "sam": phipsimu.sam(**kw),
-        "frobenius": phipsimu.sharpness_aware(ms.frobenius(), num_samples=4, **kw),
+        name: tx
+        for name, tx in m_sharpness_transforms(axis_name=AXIS, sync=False).items()
+        if name in ("sam", "trace", "random_sam")
     }
     states = {name: tx.init(params) for name, tx in txs.items()}
 
     def run(*a):
         return step_all(txs, *a, a[-1])
 
-    shards = [a.reshape(n, -1, a.shape[-1]) for a in (x, y)]
-    out = jax.pmap(run, axis_name=AXIS, in_axes=(None, None, 0, 0))(params, states, *shards)
-    sharded = [jax.device_put(a, NamedSharding(mesh, P(AXIS))) for a in (x, y)]
+    shards = [a.reshape(4, -1, a.shape[-1]) for a in (x, y)]
+    want = replicas(
+        jax.pmap(run, axis_name=AXIS, in_axes=(None, None, 0, 0), devices=jax.devices()[:4])(
+            params, states, *shards
+        )
+    )[0]
+    xs, ys = [jax.device_put(a, NamedSharding(mesh2, P(AXIS))) for a in (x, y)]
     fn = jax.shard_map(
-        lambda *a: jax.tree_util.tree_map(lambda t: t[None], run(*a)),
-        mesh=mesh,
-        in_specs=(P(), P(), P(AXIS), P(AXIS)),
-        out_specs=P(AXIS),
-        check_vma=False,
+        run, mesh=mesh2, in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=P(), axis_names={AXIS}
     )
-    for mode, got in (("pmap", out), ("shard_map", jax.jit(fn)(params, states, *sharded))):
-        reps = replicas(got)
-        for name in txs:
-            for k in range(1, n):
-                assert_close(
-                    f"sync=False {name} {mode} device {k} = device 0",
-                    reps[k][name],
-                    reps[0][name],
-                    tol=1e-6,
-                )
+    got = jax.jit(fn)(sharded, states, xs, ys)
+    for name in txs:
+        assert_close(
+            f"sync=False {name} shard_map model-sharded params = pmap", got[name], want[name]
+        )
+        for u, p in zip(jax.tree.leaves(got[name]), jax.tree.leaves(sharded)):
+            if not u.sharding.is_equivalent_to(p.sharding, u.ndim):
+                raise AssertionError(f"{name}: update sharded as {u.sharding}, not {p.sharding}")
+        print(f"ok sync=False {name} model-sharded shardings kept")
 
 
 def readme_blocks():

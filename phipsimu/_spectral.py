@@ -388,10 +388,14 @@ def log_determinant(
     large d. Every Ritz value θ is a Rayleigh quotient ``yᵀHy`` of a unit vector, so
     ``θ + δ <= 0`` *proves* ``H + δI`` is not positive definite. Meaning of the result:
 
-    * ``value = NaN``: some Ritz value has ``θ + δ < −tol`` — H + δI is indefinite, the
-      log-determinant of the quadratic model is undefined (add damping > −λ_min);
-    * ``value = −inf``: the smallest ``θ + δ`` is within ``tol = n·eps·max|θ + δ|`` of zero —
-      H + δI is singular to working precision (det = 0, as on any zero-loss manifold);
+    * ``value = NaN``: some Ritz value has ``θ < −tol`` and ``θ + δ < −tol`` — H + δI is
+      indefinite, the log-determinant of the quadratic model is undefined (add damping
+      > −λ_min);
+    * ``value = −inf``: H + δI is singular to working precision (det = 0, as on any zero-loss
+      manifold): with ``δ = 0`` a Ritz value within ``tol = n·eps·max|θ|`` (the rounding of
+      H's own products) of zero, with ``δ > 0`` a negative θ within tol of ``−δ``. A Ritz
+      value within tol of zero counts as 0, so ``θ + δ = δ``: with δ > 0 a positive
+      semi-definite operator (Gauss–Newton) is never reported singular, whatever its norm;
     * finite: every Ritz value is positive. Lanczos finds the extreme eigenvalues first, but a
       negative eigenvalue that no Krylov space reached cannot be seen: check
       ``top_eigenvalues(..., which="SA")`` when in doubt.
@@ -428,18 +432,26 @@ def log_determinant(
     damping = _checks.real("damping", damping, lo=0.0, strict=False)
 
     def finish(theta: jax.Array, tau: jax.Array, d: int) -> Estimate:
-        shifted = theta + damping
-        tol = shifted.shape[1] * jnp.finfo(shifted.dtype).eps * jnp.max(jnp.abs(shifted))
+        # Ritz values carry the operator's own rounding, n·eps·max|θ|: one within it of 0 is
+        # an eigenvalue of 0 to working precision, and θ + δ is then δ exactly. Only a θ
+        # below −tol proves H indefinite, so the damping is never compared with the rounding
+        # of ‖H‖ (a damped PSD operator is never singular, however large its norm).
+        tol = theta.shape[1] * jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(theta))
+        rounded = jnp.where(jnp.abs(theta) <= tol, 0.0, theta)
+        shifted = rounded + damping
         low = jnp.min(shifted)
-        per_probe = d * jnp.sum(tau * jnp.log(jnp.where(shifted > tol, shifted, 1.0)), axis=1)
+        negative = low < 0.0
+        singular = (low == 0.0) | (jnp.abs(low) <= tol) & (jnp.min(rounded) < 0.0)
+        ok = ~negative & ~singular
+        per_probe = d * jnp.sum(tau * jnp.log(jnp.where(shifted > 0.0, shifted, 1.0)), axis=1)
         est = _measure.sample_mean(per_probe)
-        bad = jnp.where(low < -tol, jnp.nan, -jnp.inf)
-        value = jnp.where(low > tol, est.value, bad)
-        stderr = jnp.where(low > tol, est.stderr, jnp.nan)
+        bad = jnp.where(negative & ~singular, jnp.nan, -jnp.inf)
+        value = jnp.where(ok, est.value, bad)
+        stderr = jnp.where(ok, est.stderr, jnp.nan)
         status = (
             est.status
-            | _diagnostics.flag(low < -tol, Status.NOT_POSITIVE_DEFINITE)
-            | _diagnostics.flag(jnp.abs(low) <= tol, Status.SINGULAR)
+            | _diagnostics.flag(negative & ~singular, Status.NOT_POSITIVE_DEFINITE)
+            | _diagnostics.flag(singular, Status.SINGULAR)
         )
         return est._replace(value=value, stderr=stderr, log_value=value, status=status)
 

@@ -781,14 +781,6 @@ def adaptive_metric(params: PyTree, eta: Any, perturbed: _tree.Perturbed) -> lis
     return [(jnp.abs(x) + eta).astype(x.dtype) for x in _tree.active(params, perturbed)]
 
 
-def float_grad(fn: Callable[[PyTree], jax.Array], params: PyTree) -> list:
-    """``∇fn(params)`` with respect to the floating-point leaves only, as a list aligned with
-    them (``_tree.perturbed_leaves(params)``); integer and boolean leaves are held fixed, so
-    pytrees with step counters or masks can be differentiated."""
-    active, merge = _tree.split(params, _tree.perturbed_leaves(params))
-    return jax.grad(lambda a: fn(merge(a)))(active)
-
-
 def metric_bound(bound: Bound, params: PyTree, eta: Any, perturbed: _tree.Perturbed) -> Bound:
     """``bound`` in the adaptive metric: the operator ``T_x C T_x`` (``T_x = |x| + eta``)."""
     t = adaptive_metric(params, eta, perturbed)

@@ -15,6 +15,7 @@ place of a loss function (a loss function means its Hessian).
 
 This module also owns the dataset sweep (``batches=``: the operator of the dataset mean loss as
 the batch-size-weighted mean of per-batch operators) and the adaptive metric ``T_x = |x| + η``.
+How many probes run at once is the execution layer's decision (:mod:`phipsimu._execution`).
 Only floating-point (and unmasked) leaves are differentiated; the others are held fixed.
 """
 
@@ -28,54 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _parallel, _tree
+from phipsimu import _checks, _execution, _parallel, _tree
 
 PyTree = Any
-
-#: What every estimator takes as its first argument: ``loss_fn(params, *args) -> scalar`` (its
-#: Hessian is meant) or a curvature :class:`Operator`.
-Curvature = Union[Callable[..., jax.Array], "Operator"]
-
-#: Probes per chunk when ``chunk_size=None``. On an MLP 64-256-256-10 with batch 512 (CPU),
-#: chunks of 4 cost 1.0–1.6 gradients per probe for 16–64 probes, a single ``vmap`` over all
-#: probes 2.1–2.2 (``python -m benchmarks``).
-DEFAULT_CHUNK = 4
-
-#: On GPU and TPU, ``chunk_size=None`` evaluates as many probes at once as fit this many bytes
-#: of probe-sized buffers (about 8 parameter-sized buffers per probe: the probe, its tangents
-#: and cotangents), up to all of them in one ``vmap``: accelerators are fast when one kernel
-#: sees many probes, and slow on a long sequential loop. Activations are not counted, so a
-#: large batch may need an explicit ``chunk_size``.
-ACCELERATOR_CHUNK_BYTES = 2**30
-
-
-def default_chunk(num: int, probe_bytes: int, backend: str | None = None) -> int:
-    """The chunk size used when ``chunk_size=None``, for ``num`` probes of ``probe_bytes``
-    bytes each: :data:`DEFAULT_CHUNK` on CPU (measured fastest there, and memory flat in
-    ``num``), otherwise the largest chunk within :data:`ACCELERATOR_CHUNK_BYTES`."""
-    backend = jax.default_backend() if backend is None else backend
-    if backend == "cpu":
-        return DEFAULT_CHUNK
-    return max(1, min(num, ACCELERATOR_CHUNK_BYTES // max(1, 8 * probe_bytes)))
-
-
-def leaf_bytes(leaves: list) -> int:
-    """Bytes of one vector given as a list of leaves (static shapes and dtypes)."""
-    return sum(int(jnp.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
-
-
-def chunk_for(chunk: int | None, num: int, probe_bytes: int) -> int | None:
-    """The chunk to give :func:`_tree.chunked_map` for ``num`` probes of ``probe_bytes`` bytes:
-    ``chunk`` (None: :func:`default_chunk`), or None when one chunk holds them all (a plain
-    ``vmap``)."""
-    if chunk is None:
-        chunk = default_chunk(num, probe_bytes)
-    return None if chunk >= num else chunk
-
-
-def _chunk(chunk: int | None, vs: list) -> int | None:
-    """:func:`chunk_for` a block ``vs`` of vectors with a leading axis."""
-    return chunk_for(chunk, vs[0].shape[0], leaf_bytes([v[0] for v in vs]))
 
 
 #: Largest number of perturbed coordinates the dense paths accept by default
@@ -173,6 +129,11 @@ class Operator:
         order of the perturbed leaves (small d only: d matrix-vector products, d² numbers)."""
         perturbed = _tree.perturbed_leaves(params, mask)
         return dense(self, params, args, batches, perturbed)
+
+
+#: What every estimator takes as its first argument: ``loss_fn(params, *args) -> scalar`` (its
+#: Hessian is meant) or a curvature :class:`Operator`.
+Curvature = Union[Callable[..., jax.Array], Operator]  # noqa: UP007 (an alias pdoc can name)
 
 
 def as_operator(loss_fn: Any) -> Operator:
@@ -510,7 +471,7 @@ def matvecs(
     """``C vᵢ`` for a block of vectors (perturbed leaves with a leading axis), ``chunk`` at a
     time (None: :func:`default_chunk`; a chunk as large as the block is a plain ``vmap``)."""
     mv = op.restrict(params, perturbed, args).matvec
-    return _tree.chunked_map(mv, vs, _chunk(chunk, vs))
+    return _execution.chunked_map(mv, vs, _execution.chunk_of(chunk, vs))
 
 
 def quadratic_forms(
@@ -524,7 +485,7 @@ def quadratic_forms(
     """``vᵢᵀ C vᵢ`` for a block of vectors; under ``vmap`` the primal pass is shared by all
     probes in a chunk. ``chunk`` as in :func:`matvecs`."""
     quad = op.restrict(params, perturbed, args).quad
-    return _tree.chunked_map(quad, vs, _chunk(chunk, vs))
+    return _execution.chunked_map(quad, vs, _execution.chunk_of(chunk, vs))
 
 
 def forms_of_draws(
@@ -549,7 +510,9 @@ def forms_of_draws(
         v, extra = make(i)
         return one(v), extra
 
-    return _tree.chunked_map(body, indices, chunk_for(chunk, num, leaf_bytes(bound.active)))
+    return _execution.chunked_map(
+        body, indices, _execution.chunk_for(chunk, num, _execution.leaf_bytes(bound.active))
+    )
 
 
 _jit_matvecs = jax.jit(

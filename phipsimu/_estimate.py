@@ -13,7 +13,17 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _curvature, _diagnostics, _krylov, _measure, _mu, _parallel, _tree
+from phipsimu import (
+    _checks,
+    _curvature,
+    _diagnostics,
+    _execution,
+    _krylov,
+    _measure,
+    _mu,
+    _parallel,
+    _tree,
+)
 from phipsimu._curvature import MAX_DENSE_DIM
 from phipsimu._diagnostics import Status
 from phipsimu._measure import Estimate
@@ -198,7 +208,7 @@ def sharpness(
         )
         return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
-    return _tree.eager_jit(estimate)
+    return _execution.eager_jit(estimate)
 
 
 def _certify_finite(
@@ -322,7 +332,7 @@ def exact_sharpness(
         groups = _num_groups(measure.mu, params, perturbed)
         return _certify_finite(est, eigs, tol, jnp.abs(eigs[0]) <= tol, groups)
 
-    return _tree.eager_jit(evaluate)
+    return _execution.eager_jit(evaluate)
 
 
 def _num_groups(mu: Any, params: PyTree, perturbed: Any) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from phipsimu import _checks, _curvature, _measure, _parallel, _tree
+from phipsimu import _checks, _curvature, _execution, _measure, _parallel, _tree
 
 PyTree = Any
 
@@ -99,8 +99,8 @@ def sharpness_term(
         if sample_axis is not None:
             size, start = _parallel.sample_block(sample_axis, draws, what)
             indices = start + jnp.arange(size)
-        probe = _curvature.leaf_bytes(_tree.active(params, perturbed))
-        chunk = _curvature.chunk_for(chunk_size, size, probe)
+        probe = _execution.leaf_bytes(_tree.active(params, perturbed))
+        chunk = _execution.chunk_for(chunk_size, size, probe)
         reduction = _Reduction(measure, antithetic, d)
 
         def losses_at(
@@ -133,7 +133,7 @@ def sharpness_term(
             # reverse mode keeps only each chunk's indices and recomputes its losses, so
             # the gradient's memory does not grow with the number of chunks
             sampled = jax.checkpoint(sampled, prevent_cse=False)
-        out, log_w = _tree.chunked_map(sampled, indices, chunk)
+        out, log_w = _execution.chunked_map(sampled, indices, chunk)
         if sample_axis is not None:
             out = _parallel.gather_samples(out, sample_axis)
             log_w = _parallel.gather_samples(log_w, sample_axis)
@@ -257,22 +257,17 @@ def _one_pass(
     # each sample's gradient must meet its device's own weights before the sum over devices
     # (in bwd). The program is traced with the params typed that way, as it is evaluated.
     axes = _parallel.union_axes((jax.eval_shape(losses_at, params, indices[0]), base, leaves))
-    closed, shape = jax.make_jaxpr(losses_at, return_shape=True)(
-        _vary_all(params, axes), indices[0]
-    )
-    acc = accumulation_dtype(shape[1].dtype, base.dtype)
-    consts, n = list(closed.consts), len(leaves)
-    out_tree = jax.tree_util.tree_structure(shape)
+    lifted = _execution.lift(losses_at, _vary_all(params, axes), indices[0])
+    acc = accumulation_dtype(lifted.shape[1].dtype, base.dtype)
+    consts, n = lifted.consts, len(leaves)
 
     def sample(flat: list, i: jax.Array) -> tuple[jax.Array, jax.Array]:
         # ``losses_at`` with everything it captures (the key, the caller's batch, ρ) as
         # explicit inputs ``flat[n:]``, after the param leaves ``flat[:n]``
-        params_ = _vary_all(flat[:n], axes)
-        out = jax.core.eval_jaxpr(closed.jaxpr, flat[n:], *params_, i)
-        return jax.tree_util.tree_unflatten(out_tree, out)
+        return lifted.call(flat[n:], _vary_all(flat[:n], axes), i)
 
     def primal(flat: list, base_: jax.Array, hyper_: tuple, indices_: jax.Array) -> tuple:
-        out, log_w = _tree.chunked_map(lambda i: sample(flat, i), indices_, chunk)
+        out, log_w = _execution.chunked_map(lambda i: sample(flat, i), indices_, chunk)
         return reduction.finish(out, log_w, base_, *hyper_)
 
     def fwd(flat: list, base_: Any, hyper_: tuple, indices_: Any) -> tuple:
@@ -334,7 +329,9 @@ def _one_pass(
         start = (zeros, jnp.array(-jnp.inf, acc), jnp.zeros((), acc), jnp.zeros((), acc))
         if _parallel.union_axes((flat, base_, hyper_vals, indices_.value)):
             start = _settle_carry(block, start, indices_.value[:chunk])
-        (sums, _, total, base_sum), (out, log_w) = _fold(block, start, indices_.value, chunk)
+        (sums, _, total, base_sum), (out, log_w) = _execution.fold(
+            block, start, indices_.value, chunk
+        )
         factor = reduction.outer(out.astype(acc), log_w.astype(acc), base_wide, total, rho, s)
         value, losses = reduction.finish(out, log_w, base_, rho, s)
         it = iter(sums)
@@ -386,23 +383,6 @@ def _settle_carry(block: Callable, carry: Any, idx: jax.Array) -> Any:
         if same:
             return carry
         carry = grown
-
-
-def _fold(block: Callable, carry: Any, indices: jax.Array, chunk: int | None) -> tuple:
-    """``block(carry, idx) -> (carry, ys)`` over ``indices`` in chunks of ``chunk`` (all at
-    once when None), the ys concatenated in order."""
-    n = indices.shape[0]
-    if chunk is None:
-        return block(carry, indices)
-    full = n // chunk * chunk
-    parts = []
-    if full:
-        carry, ys = jax.lax.scan(block, carry, indices[:full].reshape(-1, chunk))
-        parts.append(jax.tree_util.tree_map(lambda a: a.reshape((full, *a.shape[2:])), ys))
-    if full < n:
-        carry, ys = block(carry, indices[full:])
-        parts.append(ys)
-    return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
 
 
 def sharpness_aware_loss(

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from phipsimu import _checks, _curvature, _diagnostics, _krylov, _measure, _mu, _tree
+from phipsimu import _checks, _curvature, _diagnostics, _execution, _krylov, _measure, _mu, _tree
 from phipsimu._diagnostics import Status
 from phipsimu._measure import Estimate
 
@@ -163,7 +163,7 @@ def top_eigenvalues(
 
         return eig
 
-    return _tree.per_block(build, mask, blocks)
+    return _execution.per_block(build, mask, blocks)
 
 
 def power_iteration(
@@ -212,7 +212,7 @@ def power_iteration(
 
         return eig
 
-    return _tree.per_block(build, mask, blocks)
+    return _execution.per_block(build, mask, blocks)
 
 
 # ---------------------------------------------------------------- stochastic Lanczos quadrature
@@ -243,8 +243,8 @@ def _slq(
     chunk = chunk_size
     if chunk is None:
         # each probe's Lanczos run holds n + 1 vectors
-        per_probe = (n + 1) * _curvature.leaf_bytes(draw.active()) // num_samples
-        chunk = _curvature.default_chunk(num_samples, per_probe)
+        per_probe = (n + 1) * _execution.leaf_bytes(draw.active()) // num_samples
+        chunk = _execution.default_chunk(num_samples, per_probe)
     num_chunks = -(-num_samples // chunk)
     bar = _curvature.progress_bar(progress and batches is not None, n * num_chunks, "SLQ")
     bound = _curvature.bind(op, params, args, batches, draw.perturbed, chunk, bar)
@@ -264,7 +264,7 @@ def _slq(
             a, b = run([x[None] for x in v])
             return a[0], b[0]
 
-        alpha, beta = _tree.chunked_map(one, vs, None if chunk >= num_samples else chunk)
+        alpha, beta = _execution.chunked_map(one, vs, None if chunk >= num_samples else chunk)
     bar.close()
     theta, vecs = jnp.linalg.eigh(jax.vmap(_krylov.tridiagonal)(alpha, beta))
     return theta, vecs[:, 0, :] ** 2, draw.d
@@ -304,7 +304,7 @@ def _slq_estimator(
 
         return run
 
-    return _tree.per_block(build, mask, blocks)
+    return _execution.per_block(build, mask, blocks)
 
 
 def trace_function(

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from phipsimu import _checks, _curvature, _diagnostics, _measure, _mu, _tree
+from phipsimu import _checks, _curvature, _diagnostics, _execution, _measure, _mu, _tree
 from phipsimu._diagnostics import Status
 from phipsimu._measure import Estimate
 
@@ -226,7 +226,7 @@ def hessian_trace(
 
         return estimate
 
-    return _tree.per_block(build, mask, blocks)
+    return _execution.per_block(build, mask, blocks)
 
 
 # ---------------------------------------------------------------- diagonal
@@ -341,4 +341,4 @@ def hessian_diagonal(
         log_value = jax.tree.map(jnp.log, value)
         return Estimate(value, stderr, log_value, ess, num_samples, nan, status)
 
-    return _tree.eager_jit(estimate)
+    return _execution.eager_jit(estimate)

@@ -15,10 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-
-from phipsimu import _parallel
 
 PyTree = Any
 MaskLike = PyTree | Callable[[PyTree], PyTree] | None
@@ -156,53 +153,6 @@ def block_masks(params: PyTree, blocks: Any) -> dict[Any, PyTree]:
     }
 
 
-def eager_jit(fn: Callable) -> Callable:
-    """``fn(params, *args, key=..., batches=None)`` (the estimators' calling convention) with
-    one-batch eager calls routed through a ``jax.jit`` of ``fn`` made once here: a second eager
-    call with the same shapes and dtypes reuses the compiled program instead of tracing and
-    dispatching op by op again (seconds per call for the Krylov and determinant paths).
-
-    ``fn`` itself runs when the call is already being traced (inside the user's ``jit``,
-    ``grad``, ``vmap``, ``shard_map``), with ``batches`` (a Python sweep over a data loader), or
-    when an argument leaf is not an array (a Python number or object keeps its eager meaning and
-    its validation)."""
-    jitted = jax.jit(fn)
-
-    @functools.wraps(fn)
-    def call(params: PyTree, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("batches") is None:
-            kwargs.pop("batches", None)
-            leaves = jax.tree_util.tree_leaves((params, args, kwargs))
-            if leaves and all(
-                isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
-                for x in leaves
-            ):
-                return jitted(params, *args, **kwargs)
-        return fn(params, *args, **kwargs)
-
-    return call
-
-
-def per_block(build: Callable[[Any], Callable], mask: Any, blocks: Any) -> Callable:
-    """``build(mask)`` for one mask; with ``blocks``, a function returning ``{label: result}``
-    with one result per block (its diagonal block of the operator). Validates that at most
-    one of ``mask`` and ``blocks`` is given."""
-    if mask is not None and blocks is not None:
-        raise ValueError("mask and blocks: give at most one (blocks partitions, mask selects)")
-    if blocks is None:
-        return eager_jit(build(mask))
-    if not (callable(blocks) or jax.tree_util.tree_leaves(blocks, is_leaf=lambda x: x is None)):
-        raise ValueError(f"blocks={blocks!r}: must be a pytree of labels or a callable")
-
-    def run(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> dict:
-        return {
-            label: build(m)(params, *args, key=key, batches=batches)
-            for label, m in block_masks(params, blocks).items()
-        }
-
-    return eager_jit(run)
-
-
 # ---------------------------------------------------------------- algebra (dtype-keeping)
 
 
@@ -295,72 +245,3 @@ def batched_sq_norm(v: PyTree, perturbed: Perturbed) -> jax.Array:
         if p
     ]
     return functools.reduce(jnp.add, terms)
-
-
-def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
-    """Apply ``fn`` to every sample of ``v``: ``vmap`` when ``chunk_size`` is None, else a
-    chunked ``lax.map`` that holds ``chunk_size`` samples in memory at a time.
-
-    In the chunked loop, everything ``fn`` captures (the params, the batch) enters each
-    iteration through ``lax.optimization_barrier`` together with the iteration's samples.
-    Without it XLA hoists the parts of nested JVPs that do not depend on the samples out of
-    the loop, and the copies left inside can no longer be merged with their duplicates (the
-    probe rows of ``python -m benchmarks --only cost`` show the cost; the CHANGELOG gives the
-    figures before and after). Every value leaves the barrier with the type it had (see
-    :func:`_fence`), so the traced ``fn`` also runs inside ``jax.shard_map``'s checks."""
-    if chunk_size is None:
-        return jax.vmap(fn)(v)
-    closed, shape = jax.make_jaxpr(fn, return_shape=True)(jax.tree_util.tree_map(_first, v))
-    consts = list(closed.consts)
-    # extended dtypes (PRNG keys) cannot pass the barrier; integer work on them is cheap
-    fenced = [i for i, c in enumerate(consts) if not _is_key(c)]
-    out_tree = jax.tree_util.tree_structure(shape)
-    leaves = jax.tree_util.tree_leaves(v)
-    # one loop-varying counter per sample, for the barriers that hold no sample (_fence)
-    counter = jnp.arange(leaves[0].shape[0]) if leaves else None
-
-    def body(xc: tuple) -> Any:
-        x, count = xc
-        inner = list(consts)
-        kept, x = _fence([consts[i] for i in fenced], x, count)
-        for i, c in zip(fenced, kept):
-            inner[i] = c
-        out = jax.core.eval_jaxpr(closed.jaxpr, inner, *x)
-        return jax.tree_util.tree_unflatten(out_tree, out)
-
-    return jax.lax.map(body, (leaves, counter), batch_size=chunk_size)
-
-
-def _fence(consts: list, x: list, count: Any) -> tuple[list, list]:
-    """``consts`` and the samples ``x`` through ``lax.optimization_barrier``, every value
-    coming out with the type it went in with.
-
-    ``fn``'s program was traced with those types, and its primitives are bound as they are
-    (no implicit casts): a barrier over values that vary along different ``shard_map`` axes
-    types all its outputs with the union of those axes, so a sample index would come out
-    varying next to a key that is not, and ``fold_in`` fails. So the values are fenced in one
-    barrier per set of varying axes; a set that holds no sample gets ``count`` (this
-    iteration's counter, cast to vary along the same axes: no collective, no data moved),
-    which keeps that barrier's outputs inside the loop. Without ``shard_map``'s checks
-    every set is empty: one barrier, as before."""
-    groups: dict[frozenset, list[tuple[str, int]]] = {}
-    for kind, vals in (("c", consts), ("x", x)):
-        for i, val in enumerate(vals):
-            groups.setdefault(_parallel.varying_axes(val), []).append((kind, i))
-    out = {"c": list(consts), "x": list(x)}
-    for axes, members in groups.items():
-        vals = [out[k][i] for k, i in members]
-        has_sample = any(k == "x" for k, _ in members)
-        extra = [] if has_sample else [_parallel.vary_along(count, axes)]
-        fenced = jax.lax.optimization_barrier(vals + extra)
-        for (k, i), val in zip(members, fenced):
-            out[k][i] = val
-    return out["c"], out["x"]
-
-
-def _first(a: jax.Array) -> jax.Array:
-    return a[0]
-
-
-def _is_key(x: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)

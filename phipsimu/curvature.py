@@ -16,8 +16,6 @@ and, on GPU/TPU, as many at once as fit :data:`ACCELERATOR_CHUNK_BYTES` (:func:`
 """
 
 from phipsimu._curvature import (
-    ACCELERATOR_CHUNK_BYTES,
-    DEFAULT_CHUNK,
     Curvature,
     DataParallel,
     GaussNewton,
@@ -25,11 +23,11 @@ from phipsimu._curvature import (
     LinearOperator,
     Operator,
     data_parallel,
-    default_chunk,
     gauss_newton,
     hessian,
     linear_operator,
 )
+from phipsimu._execution import ACCELERATOR_CHUNK_BYTES, DEFAULT_CHUNK, default_chunk
 
 __all__ = [
     "ACCELERATOR_CHUNK_BYTES",

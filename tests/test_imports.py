@@ -77,6 +77,8 @@ def test_layers_point_one_way():
     assert deps["_tree"] == set()
     assert deps["_diagnostics"] == set()
     assert deps["_parallel"] == set()
-    assert deps["_curvature"] <= {"_checks", "_tree", "_parallel"}
+    # the execution layer decides how m evaluations run; it sits on the base layers only
+    assert deps["_execution"] <= {"_tree", "_parallel"}
+    assert deps["_curvature"] <= {"_checks", "_tree", "_parallel", "_execution"}
     assert deps["_krylov"] <= {"_checks", "_tree", "_curvature"}
     assert deps["_measure"] <= {"_checks", "_tree", "_mu", "_diagnostics"}

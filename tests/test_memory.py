@@ -13,11 +13,12 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # end to end: `pytest -m slow` (.ci/run runs it)
-
-pytestmark = pytest.mark.skipif(
-    not pathlib.Path("/proc/self/status").exists(), reason="peak RSS is read from Linux /proc"
-)
+pytestmark = [
+    pytest.mark.slow,  # end to end: `pytest -m slow` (.ci/run runs it)
+    pytest.mark.skipif(
+        not pathlib.Path("/proc/self/status").exists(), reason="peak RSS is read from Linux /proc"
+    ),
+]
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -1,0 +1,240 @@
+"""The execution layer: how a function is evaluated over m samples (probes, perturbations,
+grid points), in one place.
+
+* the chunk policy: how many samples run at once when ``chunk_size=None``
+  (:func:`default_chunk`; :data:`DEFAULT_CHUNK` on CPU, :data:`ACCELERATOR_CHUNK_BYTES` of
+  probe-sized buffers on GPU/TPU);
+* :func:`chunked_map` (one ``vmap``, or a chunked ``lax.map`` whose memory holds one chunk)
+  and :func:`fold` (a chunked scan with a carry, for running sums);
+* :func:`lift`: a function with everything it captures made explicit inputs (the chunked
+  loop fences them; the eq. 10 rule differentiates them);
+* the estimators' calling convention: :func:`eager_jit` (an eager call compiles once per
+  shape) and :func:`per_block` (one result per block of leaves).
+
+Numbers never depend on the strategy: every sample is drawn from the key and its index alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phipsimu import _parallel, _tree
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------- the chunk policy
+
+#: Probes per chunk when ``chunk_size=None``. On an MLP 64-256-256-10 with batch 512 (CPU),
+#: chunks of 4 cost 1.0–1.6 gradients per probe for 16–64 probes, a single ``vmap`` over all
+#: probes 2.1–2.2 (``python -m benchmarks``).
+DEFAULT_CHUNK = 4
+
+#: On GPU and TPU, ``chunk_size=None`` evaluates as many probes at once as fit this many bytes
+#: of probe-sized buffers (about 8 parameter-sized buffers per probe: the probe, its tangents
+#: and cotangents), up to all of them in one ``vmap``: accelerators are fast when one kernel
+#: sees many probes, and slow on a long sequential loop. Activations are not counted, so a
+#: large batch may need an explicit ``chunk_size``.
+ACCELERATOR_CHUNK_BYTES = 2**30
+
+
+def default_chunk(num: int, probe_bytes: int, backend: str | None = None) -> int:
+    """The chunk size used when ``chunk_size=None``, for ``num`` probes of ``probe_bytes``
+    bytes each: :data:`DEFAULT_CHUNK` on CPU (measured fastest there, and memory flat in
+    ``num``), otherwise the largest chunk within :data:`ACCELERATOR_CHUNK_BYTES`."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu":
+        return DEFAULT_CHUNK
+    return max(1, min(num, ACCELERATOR_CHUNK_BYTES // max(1, 8 * probe_bytes)))
+
+
+def leaf_bytes(leaves: list) -> int:
+    """Bytes of one vector given as a list of leaves (static shapes and dtypes)."""
+    return sum(int(jnp.size(x)) * jnp.dtype(jnp.result_type(x)).itemsize for x in leaves)
+
+
+def chunk_for(chunk: int | None, num: int, probe_bytes: int) -> int | None:
+    """The chunk to give :func:`chunked_map` for ``num`` probes of ``probe_bytes`` bytes:
+    ``chunk`` (None: :func:`default_chunk`), or None when one chunk holds them all (a plain
+    ``vmap``)."""
+    if chunk is None:
+        chunk = default_chunk(num, probe_bytes)
+    return None if chunk >= num else chunk
+
+
+def chunk_of(chunk: int | None, vs: list) -> int | None:
+    """:func:`chunk_for` a block ``vs`` of vectors with a leading axis."""
+    return chunk_for(chunk, vs[0].shape[0], leaf_bytes([v[0] for v in vs]))
+
+
+# ---------------------------------------------------------------- closures made explicit
+
+
+class Lifted(NamedTuple):
+    """A function traced once, with everything it captures as explicit inputs:
+    ``call(consts, *args)`` evaluates it on the argument leaves with ``consts`` in place of
+    the captured values (``consts`` as traced, or replacements of the same types)."""
+
+    consts: list
+    call: Callable[..., Any]
+    shape: Any
+
+
+def lift(fn: Callable[..., Any], *example: Any) -> Lifted:
+    """Trace ``fn(*example)`` and return it with its captured values (the params and batch a
+    closure holds, PRNG keys, constants) hoisted into :attr:`Lifted.consts`.
+
+    ``jax.closure_convert`` hoists only the captured values that are being differentiated;
+    the chunked loop must fence all of them and the eq. 10 rule must see all of them as
+    inputs, so this traces to a jaxpr and keeps every constant."""
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*example)
+    out_tree = jax.tree_util.tree_structure(shape)
+
+    def call(consts: list, *args: Any) -> Any:
+        out = jax.core.eval_jaxpr(closed.jaxpr, list(consts), *jax.tree_util.tree_leaves(args))
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    return Lifted(list(closed.consts), call, shape)
+
+
+# ---------------------------------------------------------------- loops over samples
+
+
+def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
+    """Apply ``fn`` to every sample of ``v``: ``vmap`` when ``chunk_size`` is None, else a
+    chunked ``lax.map`` that holds ``chunk_size`` samples in memory at a time.
+
+    In the chunked loop, everything ``fn`` captures (the params, the batch) enters each
+    iteration through ``lax.optimization_barrier`` together with the iteration's samples.
+    Without it XLA hoists the parts of nested JVPs that do not depend on the samples out of
+    the loop, and the copies left inside can no longer be merged with their duplicates (the
+    probe rows of ``python -m benchmarks --only cost`` show the cost; the CHANGELOG gives the
+    figures before and after). Every value leaves the barrier with the type it had (see
+    :func:`_fence`), so the traced ``fn`` also runs inside ``jax.shard_map``'s checks."""
+    if chunk_size is None:
+        return jax.vmap(fn)(v)
+    lifted = lift(fn, jax.tree_util.tree_map(_first, v))
+    consts = lifted.consts
+    # extended dtypes (PRNG keys) cannot pass the barrier; integer work on them is cheap
+    fenced = [i for i, c in enumerate(consts) if not _is_key(c)]
+    leaves = jax.tree_util.tree_leaves(v)
+    # one loop-varying counter per sample, for the barriers that hold no sample (_fence)
+    counter = jnp.arange(leaves[0].shape[0]) if leaves else None
+
+    def body(xc: tuple) -> Any:
+        x, count = xc
+        inner = list(consts)
+        kept, x = _fence([consts[i] for i in fenced], x, count)
+        for i, c in zip(fenced, kept):
+            inner[i] = c
+        return lifted.call(inner, *x)
+
+    return jax.lax.map(body, (leaves, counter), batch_size=chunk_size)
+
+
+def _fence(consts: list, x: list, count: Any) -> tuple[list, list]:
+    """``consts`` and the samples ``x`` through ``lax.optimization_barrier``, every value
+    coming out with the type it went in with.
+
+    ``fn``'s program was traced with those types, and its primitives are bound as they are
+    (no implicit casts): a barrier over values that vary along different ``shard_map`` axes
+    types all its outputs with the union of those axes, so a sample index would come out
+    varying next to a key that is not, and ``fold_in`` fails. So the values are fenced in one
+    barrier per set of varying axes; a set that holds no sample gets ``count`` (this
+    iteration's counter, cast to vary along the same axes: no collective, no data moved),
+    which keeps that barrier's outputs inside the loop. Without ``shard_map``'s checks
+    every set is empty: one barrier, as before."""
+    groups: dict[frozenset, list[tuple[str, int]]] = {}
+    for kind, vals in (("c", consts), ("x", x)):
+        for i, val in enumerate(vals):
+            groups.setdefault(_parallel.varying_axes(val), []).append((kind, i))
+    out = {"c": list(consts), "x": list(x)}
+    for axes, members in groups.items():
+        vals = [out[k][i] for k, i in members]
+        has_sample = any(k == "x" for k, _ in members)
+        extra = [] if has_sample else [_parallel.vary_along(count, axes)]
+        fenced = jax.lax.optimization_barrier(vals + extra)
+        for (k, i), val in zip(members, fenced):
+            out[k][i] = val
+    return out["c"], out["x"]
+
+
+def _first(a: jax.Array) -> jax.Array:
+    return a[0]
+
+
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
+
+
+def fold(block: Callable, carry: Any, indices: jax.Array, chunk: int | None) -> tuple:
+    """``block(carry, idx) -> (carry, ys)`` over ``indices`` in chunks of ``chunk`` (all at
+    once when None), the ys concatenated in order."""
+    n = indices.shape[0]
+    if chunk is None:
+        return block(carry, indices)
+    full = n // chunk * chunk
+    parts = []
+    if full:
+        carry, ys = jax.lax.scan(block, carry, indices[:full].reshape(-1, chunk))
+        parts.append(jax.tree_util.tree_map(lambda a: a.reshape((full, *a.shape[2:])), ys))
+    if full < n:
+        carry, ys = block(carry, indices[full:])
+        parts.append(ys)
+    return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+
+
+# ---------------------------------------------------------------- the calling convention
+
+
+def eager_jit(fn: Callable) -> Callable:
+    """``fn(params, *args, key=..., batches=None)`` (the estimators' calling convention) with
+    one-batch eager calls routed through a ``jax.jit`` of ``fn`` made once here: a second eager
+    call with the same shapes and dtypes reuses the compiled program instead of tracing and
+    dispatching op by op again (seconds per call for the Krylov and determinant paths).
+
+    ``fn`` itself runs when the call is already being traced (inside the user's ``jit``,
+    ``grad``, ``vmap``, ``shard_map``), with ``batches`` (a Python sweep over a data loader), or
+    when an argument leaf is not an array (a Python number or object keeps its eager meaning and
+    its validation)."""
+    jitted = jax.jit(fn)
+
+    @functools.wraps(fn)
+    def call(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("batches") is None:
+            kwargs.pop("batches", None)
+            leaves = jax.tree_util.tree_leaves((params, args, kwargs))
+            if leaves and all(
+                isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+                for x in leaves
+            ):
+                return jitted(params, *args, **kwargs)
+        return fn(params, *args, **kwargs)
+
+    return call
+
+
+def per_block(build: Callable[[Any], Callable], mask: Any, blocks: Any) -> Callable:
+    """``build(mask)`` for one mask; with ``blocks``, a function returning ``{label: result}``
+    with one result per block (its diagonal block of the operator). Validates that at most
+    one of ``mask`` and ``blocks`` is given."""
+    if mask is not None and blocks is not None:
+        raise ValueError("mask and blocks: give at most one (blocks partitions, mask selects)")
+    if blocks is None:
+        return eager_jit(build(mask))
+    if not (callable(blocks) or jax.tree_util.tree_leaves(blocks, is_leaf=lambda x: x is None)):
+        raise ValueError(f"blocks={blocks!r}: must be a pytree of labels or a callable")
+
+    def run(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> dict:
+        return {
+            label: build(m)(params, *args, key=key, batches=batches)
+            for label, m in _tree.block_masks(params, blocks).items()
+        }
+
+    return eager_jit(run)

@@ -311,11 +311,38 @@ def rademacher(*, mask: Any = None) -> Rademacher:
 PROBES = ("rademacher", "gaussian", "sphere")
 
 
-def probe_sampler(probes: Any, mask: Any, allowed: tuple[str, ...] = PROBES) -> Sampler:
-    """The sampler named by an estimator's ``probes=`` option (validated against
-    ``allowed``), on the leaves selected by ``mask``."""
+def probe_name(probes: Any, allowed: tuple[str, ...] = PROBES) -> str:
+    """An estimator's ``probes=`` option as the name of its distribution, validated against
+    ``allowed``: a name, or an unmasked sampler of that kind (``phipsimu.mu.rademacher()``,
+    ``gaussian()`` with stddev 1, ``sphere()``), so probes are said the same way as a
+    measure's μ. Which leaves are probed is the estimator's ``mask=``/``blocks=``: a sampler
+    with its own mask is refused (one way to mask).
+
+    Raises:
+      ValueError: an unknown name or sampler, or a sampler with a mask.
+    """
+    kinds = {Rademacher: "rademacher", Gaussian: "gaussian", Sphere: "sphere"}
+    if isinstance(probes, Sampler):
+        name = kinds.get(type(probes))
+        if name is None or (isinstance(probes, Gaussian) and probes.stddev != 1.0):
+            raise ValueError(
+                f"probes={probes!r}: must be one of {allowed} or the sampler of one of them "
+                "(phipsimu.mu.rademacher(), gaussian() with stddev 1, sphere())"
+            )
+        if probes.mask is not None:
+            raise ValueError(
+                f"probes={probes!r}: the sampler has a mask; say which leaves are probed with "
+                "the estimator's mask= (or blocks=) instead"
+            )
+        probes = name
     if probes not in allowed:
-        raise ValueError(f"probes={probes!r}: must be one of {allowed}")
+        raise ValueError(f"probes={probes!r}: must be one of {allowed} (or its sampler)")
+    return str(probes)
+
+
+def probe_sampler(probes: str, mask: Any) -> Sampler:
+    """The sampler of the probe distribution named ``probes`` (see :func:`probe_name`), on the
+    leaves selected by ``mask``."""
     factories: dict[str, Callable[..., Sampler]] = {
         "rademacher": rademacher,
         "gaussian": gaussian,

@@ -276,7 +276,7 @@ def _slq_estimator(
     *,
     num_samples: int,
     num_iterations: int,
-    probes: str,
+    probes: str | _mu.Sampler,
     mask: Any,
     blocks: Any,
     chunk_size: int | None,
@@ -290,7 +290,7 @@ def _slq_estimator(
     _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
     _checks.integer("num_samples", num_samples, lo=1)
     _checks.integer("num_iterations", num_iterations, lo=1)
-    _mu.probe_sampler(probes, None)
+    probes = _mu.probe_name(probes)
     _checks.flag("progress", progress)
 
     def build(m: Any) -> Callable[..., Any]:
@@ -313,7 +313,7 @@ def trace_function(
     *,
     num_samples: int,
     num_iterations: int = 30,
-    probes: str = "rademacher",
+    probes: str | _mu.Sampler = "rademacher",
     mask: Any = None,
     blocks: Any = None,
     chunk_size: int | None = None,
@@ -335,8 +335,9 @@ def trace_function(
       f: an elementwise JAX function of the eigenvalues (``jnp.log``, ``jnp.square``, …).
       num_samples: probes m (>= 1; >= 2 for a standard error).
       num_iterations: Lanczos steps n per probe (HVPs per probe; capped at d).
-      probes: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``, drawn by
-        ``phipsimu.mu`` as ``mu.<probes>(mask=mask).sample(key, params, num_samples)``.
+      probes: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``, or that sampler
+        (``phipsimu.mu.rademacher()``, ...; unmasked: ``mask`` says which leaves), drawn as
+        ``mu.<probes>(mask=mask).sample(key, params, num_samples)``.
       mask, blocks, progress: as in :func:`top_eigenvalues`.
       chunk_size: probes whose Lanczos runs go together (vmapped; memory
         ``chunk_size·(n+1)·d``); None: 4 on CPU, as many as fit
@@ -373,7 +374,7 @@ def log_determinant(
     damping: float = 0.0,
     num_samples: int,
     num_iterations: int = 30,
-    probes: str = "rademacher",
+    probes: str | _mu.Sampler = "rademacher",
     mask: Any = None,
     blocks: Any = None,
     chunk_size: int | None = None,
@@ -475,7 +476,7 @@ def spectral_density(
     num_iterations: int = 80,
     grid_size: int = 512,
     bandwidth: float | None = None,
-    probes: str = "rademacher",
+    probes: str | _mu.Sampler = "rademacher",
     mask: Any = None,
     blocks: Any = None,
     chunk_size: int | None = None,

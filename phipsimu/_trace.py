@@ -124,7 +124,7 @@ def hessian_trace(
     *,
     num_matvecs: int,
     method: str = "hutchinson",
-    probes: str | None = None,
+    probes: str | _mu.Sampler | None = None,
     mask: Any = None,
     blocks: Any = None,
     chunk_size: int | None = None,
@@ -158,7 +158,8 @@ def hessian_trace(
       method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
       probes: for Hutchinson/Hutch++ ``"rademacher"`` (default), ``"gaussian"``, ``"sphere"``;
         XTrace re-spheres, which needs rotation-invariant ``"gaussian"`` (default) or
-        ``"sphere"``. Drawn as ``phipsimu.mu.<probes>(mask=mask).sample(key, params, ·)``.
+        ``"sphere"``; or that sampler (``phipsimu.mu.rademacher()``, ...; unmasked: ``mask``
+        says which leaves). Drawn as ``phipsimu.mu.<probes>(mask=mask).sample(key, params, ·)``.
       mask, blocks, progress: as in :func:`phipsimu.top_eigenvalues`. Per-block traces are
         traces of the diagonal blocks; they sum to Tr(H).
       chunk_size: probes per vmapped chunk of HVPs / quadratic forms (None: 4 on
@@ -189,7 +190,7 @@ def hessian_trace(
         )
     if probes is None:
         probes = "gaussian" if method == "xtrace" else "rademacher"
-    _mu.probe_sampler(probes, None, ("gaussian", "sphere") if method == "xtrace" else _mu.PROBES)
+    probes = _mu.probe_name(probes, ("gaussian", "sphere") if method == "xtrace" else _mu.PROBES)
     num_probes = {
         "hutchinson": num_matvecs,
         "hutch++": 2 * num_matvecs // 3,

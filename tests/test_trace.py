@@ -178,3 +178,30 @@ def test_bad_input():
         phipsimu.hessian_diagonal(loss, exact=True, max_dim=5)(params)
     with pytest.raises(TypeError, match=r"key="):
         phipsimu.hessian_diagonal(loss, num_samples=2)(params, key=None)
+
+
+def test_probes_are_named_or_given_as_samplers():
+    """One way to say a probe distribution: the name or the sampler of `phipsimu.mu` give the
+    same estimate; a masked sampler or one the method cannot use is refused by name."""
+    loss = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 7.0) * p**2)  # noqa: E731
+    x, key = jnp.ones(6), jax.random.key(2)
+    for name, sampler in (
+        ("rademacher", phipsimu.mu.rademacher()),
+        ("sphere", phipsimu.mu.sphere()),
+    ):
+        a = phipsimu.hessian_trace(loss, num_matvecs=4, probes=name)(x, key=key)
+        b = phipsimu.hessian_trace(loss, num_matvecs=4, probes=sampler)(x, key=key)
+        np.testing.assert_array_equal(a.value, b.value)
+    a = phipsimu.trace_function(loss, jnp.square, num_samples=2, num_iterations=3)(x, key=key)
+    b = phipsimu.trace_function(
+        loss, jnp.square, num_samples=2, num_iterations=3, probes=phipsimu.mu.rademacher()
+    )(x, key=key)
+    np.testing.assert_array_equal(a.value, b.value)
+    with pytest.raises(ValueError, match=r"probes=.*mask"):
+        phipsimu.hessian_trace(loss, num_matvecs=4, probes=phipsimu.mu.sphere(mask=[True]))
+    with pytest.raises(ValueError, match="probes="):
+        phipsimu.hessian_trace(loss, num_matvecs=4, probes=phipsimu.mu.gaussian(stddev=2.0))
+    with pytest.raises(ValueError, match="probes="):
+        phipsimu.hessian_trace(
+            loss, num_matvecs=4, method="xtrace", probes=phipsimu.mu.rademacher()
+        )

@@ -60,6 +60,12 @@ def sharpness_term(
     perturbed losses are gathered in sample order before ψ and φ, and the term is
     ``pmean``-ed over the axis, so its gradient, ``pmean``-ed over the axis, is the
     single-device gradient under ``pmap`` and ``shard_map`` (either ``check_vma``).
+
+    Perturbed leaves narrower than float32 are cast to float32 first (:func:`_tree.widen`):
+    the points ``x + ρv_i`` are formed and the losses evaluated in float32, and the term's
+    gradient comes back in each leaf's dtype. ``base`` must then be ``value_fn`` at those
+    float32 copies (:func:`base_loss`), or the differences carry the 16-bit loss's
+    rounding. docs/conventions.md, section "Low precision".
     """
     _measure.check_measure(measure)
     _checks.real("rho", rho, lo=0.0, strict=True)
@@ -95,6 +101,10 @@ def sharpness_term(
                 "objective"
             )
         perturbed, d = measure.mu.layout(params)
+        # 16-bit params: x + ρv rounded to the params' dtype leaves most coordinates of a
+        # small perturbation where they were, and the loss differences drown in rounding;
+        # the perturbed points are formed and evaluated from float32 copies instead
+        params = _tree.widen(params, perturbed)
         size, indices = draws, jnp.arange(draws)
         if sample_axis is not None:
             size, start = _parallel.sample_block(sample_axis, draws, what)
@@ -222,6 +232,18 @@ class _Reduction:
 
         mean = jnp.mean(jnp.exp(log_w) * jax.vmap(measure.psi)(delta))
         return 2.0 * s * jax.grad(phi)(mean) / m
+
+
+def base_loss(
+    measure: _measure.Measure, value_fn: Callable[[PyTree], jax.Array], params: PyTree
+) -> jax.Array | None:
+    """``L(x)`` for the term's differences when ``params`` has perturbed leaves narrower than
+    float32: ``value_fn`` at their float32 copies (as the term evaluates its perturbed
+    points); None otherwise (the caller's own ``L(x)`` is the one)."""
+    perturbed = measure.mu.perturbed(params)
+    if not _tree.is_narrow(params, perturbed):
+        return None
+    return value_fn(_tree.widen(params, perturbed))
 
 
 def accumulation_dtype(log_weight: Any, base: Any) -> Any:
@@ -536,7 +558,8 @@ def sharpness_aware_loss(
             _parallel.axis_size(axis_name)
             base = jax.lax.pmean(base, axis_name)
             value_fn = _parallel.global_value_fn(value_fn, axis_name)
-        total = base + term(value_fn, params, base, key)[0]
+        wide = base_loss(measure, value_fn, params)
+        total = base + term(value_fn, params, base if wide is None else wide, key)[0]
         return (total, aux) if has_aux else total
 
     return objective

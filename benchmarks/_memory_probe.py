@@ -3,7 +3,8 @@
     python -m benchmarks._memory_probe KIND M
 
 KIND: ``sharpness`` (trace measure, m probes), ``grad_loss`` (``jax.grad`` of
-``sharpness_aware_loss``) or ``update`` (a ``sharpness_aware`` SGD step). Prints one JSON line
+``sharpness_aware_loss``), ``update`` (a ``sharpness_aware`` SGD step) or ``frobenius_update``
+(a ``frobenius_sam`` SGD step: the vector-ψ path). Prints one JSON line
 with, in MiB: the growth of peak RSS above the RSS just before compiling and running the
 call (``total_mib``, the goal's measure), over the RSS before each phase while compiling
 (``compile_mib``) and running it (``run_mib``), the running growth of a compiled plain gradient
@@ -79,8 +80,12 @@ def main(kind: str, m: int) -> None:
             loss, phipsimu.sharpness_aware(trace, rho=RHO, num_samples=m), style="value_fn"
         )
         fn, args = step, (params, init(params), x, y)
+    elif kind == "frobenius_update":
+        tx = phipsimu.frobenius_sam(rho=RHO, num_samples=m, strength=1.0)
+        step, init = c.sgd_step(loss, tx, style="value_fn")
+        fn, args = step, (params, init(params), x, y)
     else:
-        raise ValueError(f"kind={kind!r}: must be sharpness, grad_loss or update")
+        raise ValueError(f"kind={kind!r}: must be sharpness, grad_loss, update or frobenius_update")
     # compiling, then running, as a user meets the call; each phase's peak is reset
     start = start_phase()
     compiled = fn.lower(*args).compile()

@@ -51,15 +51,21 @@ def sharpness_term(
 
     Draw i comes from the key and i alone and is made inside the chunk loop, so the memory of
     the term and of its gradient holds one chunk of draws and activations, whatever
-    ``num_samples``. With a scalar ψ and no ``sample_axis`` the gradient is taken in one pass
-    (:func:`_one_pass`); otherwise each chunk is recomputed in the backward pass
-    (``jax.checkpoint``). docs/conventions.md, section "Eq. (10)".
+    ``num_samples``. Without ``sample_axis`` the gradient is taken in one pass
+    (:func:`_one_pass`; two with a vector ψ); with it each chunk is recomputed in the
+    backward pass (``jax.checkpoint``). docs/conventions.md, section "Eq. (10)".
 
     With ``sample_axis`` each device along that axis evaluates its block of the draws (the
     same draws as on one device: each device draws its own rows from the key); the
     perturbed losses are gathered in sample order before ψ and φ, and the term is
     ``pmean``-ed over the axis, so its gradient, ``pmean``-ed over the axis, is the
     single-device gradient under ``pmap`` and ``shard_map`` (either ``check_vma``).
+
+    Perturbed leaves narrower than float32 are cast to float32 first (:func:`_tree.widen`):
+    the points ``x + ρv_i`` are formed and the losses evaluated in float32, and the term's
+    gradient comes back in each leaf's dtype. ``base`` must then be ``value_fn`` at those
+    float32 copies (:func:`base_loss`), or the differences carry the 16-bit loss's
+    rounding. docs/conventions.md, section "Low precision".
     """
     _measure.check_measure(measure)
     _checks.real("rho", rho, lo=0.0, strict=True)
@@ -81,7 +87,8 @@ def sharpness_term(
     )
     signs = (1.0, -1.0) if antithetic else (1.0,)
     # with a scalar ψ each sample's gradient enters the term's gradient with a weight known
-    # from that sample alone (up to one common factor), so one pass gives the gradient
+    # from that sample alone (up to one common factor), so one pass gives the gradient; a
+    # vector ψ needs the mean first (two passes)
     one_pass = jax.eval_shape(measure.psi, jax.ShapeDtypeStruct((), jnp.float32)).shape == ()
 
     def term(
@@ -95,6 +102,10 @@ def sharpness_term(
                 "objective"
             )
         perturbed, d = measure.mu.layout(params)
+        # 16-bit params: x + ρv rounded to the params' dtype leaves most coordinates of a
+        # small perturbation where they were, and the loss differences drown in rounding;
+        # the perturbed points are formed and evaluated from float32 copies instead
+        params = _tree.widen(params, perturbed)
         size, indices = draws, jnp.arange(draws)
         if sample_axis is not None:
             size, start = _parallel.sample_block(sample_axis, draws, what)
@@ -115,7 +126,7 @@ def sharpness_term(
             out = jnp.stack([value(_tree.add_scale(p, sign * rho, v)) for sign in signs])
             return out, draw.log_weight[0]
 
-        if sample_axis is None and one_pass:
+        if sample_axis is None:
             return _one_pass(
                 lambda p, i: losses_at(p, value_fn, i),
                 params,
@@ -124,6 +135,7 @@ def sharpness_term(
                 reduction,
                 indices,
                 chunk,
+                one_pass,
             )
 
         def sampled(i: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -224,6 +236,18 @@ class _Reduction:
         return 2.0 * s * jax.grad(phi)(mean) / m
 
 
+def base_loss(
+    measure: _measure.Measure, value_fn: Callable[[PyTree], jax.Array], params: PyTree
+) -> jax.Array | None:
+    """``L(x)`` for the term's differences when ``params`` has perturbed leaves narrower than
+    float32: ``value_fn`` at their float32 copies (as the term evaluates its perturbed
+    points); None otherwise (the caller's own ``L(x)`` is the one)."""
+    perturbed = measure.mu.perturbed(params)
+    if not _tree.is_narrow(params, perturbed):
+        return None
+    return value_fn(_tree.widen(params, perturbed))
+
+
 def accumulation_dtype(log_weight: Any, base: Any) -> Any:
     """The dtype of the differences, ψ, the mean and φ: float32 at least (16-bit losses)."""
     return jnp.promote_types(jnp.promote_types(log_weight, base), jnp.float32)
@@ -237,8 +261,10 @@ def _one_pass(
     reduction: _Reduction,
     indices: jax.Array,
     chunk: int | None,
+    scalar: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """The term with a reverse-mode rule that makes one pass over the samples.
+    """The term with a reverse-mode rule that makes one pass over the samples (two with a
+    vector ψ, ``scalar=False``).
 
     Differentiated as written, the chunked term recomputes each chunk's losses in the
     backward pass (``jax.checkpoint``). The rule here evaluates each perturbed loss together
@@ -250,6 +276,13 @@ def _one_pass(
     rule, so gradients with respect to the batch are exact too. Inputs that are not being
     differentiated get no running sum. The term itself is not differentiable in ρ or the
     strength (``NotImplementedError``).
+
+    With a vector ψ (Frobenius) a sample's weight ``∂term/∂out_i`` depends on the mean over
+    all samples (φ's gradient at it), so the forward pass first evaluates the perturbed
+    losses alone (O(m) scalars), takes every sample's weight from the reduction's own
+    gradient, and then makes the pass that adds each sample's gradient, weighted, into the
+    running sum: the cost of the rematerialised map (m losses, then m gradients), with one
+    chunk and one gradient in memory.
     """
     leaves = jax.tree_util.tree_leaves(params)
     # Under shard_map's checks, a term that varies across devices (per-device losses, as
@@ -303,6 +336,10 @@ def _one_pass(
         # per-device copies of the params (see above): no sum over devices per sample
         diff = [_parallel.vary_along(x, axes) if j < n else x for x, j in zip(diff, diff_at)]
 
+        zeros = [jnp.zeros(x.shape, jnp.promote_types(x.dtype, acc)) for x in diff]
+        if not scalar:
+            return _two_pass(flat, wanted, with_diff, diff, zeros, base_, hyper_vals, indices_)
+
         def one(i: jax.Array) -> tuple:
             (out, log_w), vjp_fn = jax.vjp(lambda xs: sample(with_diff(xs), i), diff)
             wide, lw = out.astype(acc), log_w.astype(acc)
@@ -325,7 +362,6 @@ def _one_pass(
             sums = [a * keep + jnp.tensordot(e, g.astype(a.dtype), 1) for a, g in zip(sums, grads)]
             return (sums, new_top, total * keep + e.sum(), base_sum * keep + e @ ct_base), ys
 
-        zeros = [jnp.zeros(x.shape, jnp.promote_types(x.dtype, acc)) for x in diff]
         start = (zeros, jnp.array(-jnp.inf, acc), jnp.zeros((), acc), jnp.zeros((), acc))
         if _parallel.union_axes((flat, base_, hyper_vals, indices_.value)):
             start = _settle_carry(block, start, indices_.value[:chunk])
@@ -337,6 +373,51 @@ def _one_pass(
         it = iter(sums)
         sums = [next(it) if w else None for w in wanted]
         return (value, losses), (sums, factor * base_sum, factor)
+
+    def _two_pass(
+        flat: list,
+        wanted: list,
+        with_diff: Callable,
+        diff: list,
+        zeros: list,
+        base_: jax.Array,
+        hyper_vals: list,
+        indices_: Any,
+    ) -> tuple:
+        """:func:`fwd` for a vector ψ: the losses, every sample's weight, then the sum of
+        the weighted gradients (residuals as ``fwd``'s, with factor 1)."""
+        rho, s = hyper_vals
+        positions = jnp.arange(indices_.value.shape[0])
+
+        def losses(carry: tuple, pos: jax.Array) -> tuple:
+            return carry, jax.vmap(lambda i: sample(flat, i))(indices_.value[pos])
+
+        _, (out, log_w) = _execution.fold(losses, (), positions, chunk)
+        (value, losses_), weights = jax.vjp(
+            lambda o, lw, b: reduction.finish(o, lw, b, rho, s), out, log_w, base_
+        )
+        ct_out, ct_lw, base_grad = weights((jnp.ones_like(value), jnp.zeros_like(losses_)))
+
+        def one(i: jax.Array, c_out: jax.Array, c_lw: jax.Array) -> list:
+            (y_out, y_lw), vjp_fn = jax.vjp(lambda xs: sample(with_diff(xs), i), diff)
+            cts = [
+                _parallel.sum_to(c.astype(y.dtype), _parallel.varying_axes(y))
+                for c, y in ((c_out, y_out), (c_lw, y_lw))
+            ]
+            return vjp_fn(tuple(cts))[0]
+
+        def block(carry: tuple, pos: jax.Array) -> tuple:
+            grads = jax.vmap(one)(indices_.value[pos], ct_out[pos], ct_lw[pos])
+            return ([a + jnp.sum(g.astype(a.dtype), 0) for a, g in zip(carry[0], grads)],), None
+
+        start: tuple = (zeros,)
+        if _parallel.union_axes((flat, base_, hyper_vals, indices_.value, ct_out)):
+            start = _settle_carry(block, start, positions[:chunk])
+        (sums,), _ = _execution.fold(block, start, positions, chunk)
+        it = iter(sums)
+        sums = [next(it) if w else None for w in wanted]
+        factor = jnp.ones((), jnp.promote_types(base_grad.dtype, jnp.float32))
+        return (value, losses_), (sums, base_grad, factor)
 
     def bwd(res: tuple, cts: tuple) -> tuple:
         sums, base_grad, factor = res
@@ -417,8 +498,9 @@ def sharpness_aware_loss(
     docs/conventions.md, section "Eq. (10)"): ``jax.grad``, ``jax.value_and_grad`` and
     ``jax.vjp`` work, also with respect to the arguments after ``params`` and nested, but
     forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) raises, and the objective is
-    not differentiable in ``rho`` or ``strength``. Forward mode still works with a vector
-    ψ (the Frobenius preset) or ``sample_axis``.
+    not differentiable in ``rho`` or ``strength``. A vector ψ (the Frobenius preset) takes
+    two passes (the losses, then the weighted gradients). Forward mode still works with
+    ``sample_axis``.
 
     Args:
       loss_fn: ``loss_fn(params, *args)`` returning a scalar, or ``(scalar, aux)`` with
@@ -438,8 +520,8 @@ def sharpness_aware_loss(
         which keeps it exactly invariant; ASAM instead holds its perturbation fixed).
       eta: the metric floor (>= 0).
       chunk_size: perturbed losses evaluated at once (``vmap`` inside a chunked ``lax.map``;
-        under ``jax.grad`` each chunk's gradients are summed as it goes, or, for a vector ψ
-        or ``sample_axis``, each chunk is recomputed, so memory does not grow with
+        under ``jax.grad`` each chunk's gradients are summed as it goes, or, with
+        ``sample_axis``, each chunk is recomputed, so memory does not grow with
         ``num_samples``); ``None``: 4 on CPU, as many as fit
         ``phipsimu.curvature.ACCELERATOR_CHUNK_BYTES`` on GPU/TPU.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux comes from the clean pass at x (as
@@ -516,7 +598,8 @@ def sharpness_aware_loss(
             _parallel.axis_size(axis_name)
             base = jax.lax.pmean(base, axis_name)
             value_fn = _parallel.global_value_fn(value_fn, axis_name)
-        total = base + term(value_fn, params, base, key)[0]
+        wide = base_loss(measure, value_fn, params)
+        total = base + term(value_fn, params, base if wide is None else wide, key)[0]
         return (total, aux) if has_aux else total
 
     return objective

@@ -377,7 +377,11 @@ def sharpness_aware(
             else:
                 key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
-        x, merge = _tree.split(params, perturbed)
+        _, merge = _tree.split(params, perturbed)
+        # 16-bit leaves are perturbed and differentiated as float32 copies (the term's own
+        # rule, docs/conventions.md "Low precision"); the gradient is added in float32
+        x = _tree.active(_tree.widen(params, perturbed), perturbed)
+        narrow = _tree.is_narrow(params, perturbed)
 
         def objective(active: list, base: jax.Array) -> tuple[jax.Array, jax.Array]:
             value, losses = step_term(loss, merge(active), base, key)
@@ -385,9 +389,11 @@ def sharpness_aware(
             # its gradient, pmean-ed below, is the global one in every mode.
             return _parallel.pmean(value, axis_name), losses
 
-        if axis_name is None and sample_axis is None:
+        if axis_name is None and sample_axis is None and not narrow:
             # The term's derivative through L(x) is ∂term/∂L(x) · ∇L(x), and ∇L(x) is the
-            # incoming gradient: no second gradient at x, only the loss value.
+            # incoming gradient: no second gradient at x, only the loss value. (With 16-bit
+            # params the incoming gradient carries the 16-bit loss's rounding, which the
+            # term's differences of gradients would amplify: L(x) is differentiated below.)
             base = loss(params)
             (value, losses), (grad, base_grad) = jax.value_and_grad(
                 objective, argnums=(0, 1), has_aux=True

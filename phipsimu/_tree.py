@@ -191,6 +191,28 @@ def add_scale(x: PyTree, alpha: jax.typing.ArrayLike, y: PyTree) -> PyTree:
     )
 
 
+def is_narrow(params: PyTree, perturbed: Perturbed) -> bool:
+    """True when a perturbed leaf is narrower than float32 (float16, bfloat16)."""
+    return any(
+        p and jnp.dtype(x.dtype).itemsize < 4
+        for x, p in zip(jax.tree_util.tree_leaves(params), perturbed)
+    )
+
+
+def widen(params: PyTree, perturbed: Perturbed) -> PyTree:
+    """``params`` with every perturbed leaf narrower than float32 cast to float32 (the others
+    as they are). The cast is differentiable: gradients with respect to ``params`` come back
+    in each leaf's own dtype. docs/conventions.md, "Low precision"."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            x.astype(jnp.float32) if p and jnp.dtype(x.dtype).itemsize < 4 else x
+            for x, p in zip(leaves, perturbed)
+        ],
+    )
+
+
 def scale(alpha: jax.typing.ArrayLike, x: PyTree) -> PyTree:
     """``alpha * x`` leaf by leaf (``optax.tree.scale``), keeping dtypes."""
     return optax.tree.cast_like(optax.tree.scale(alpha, x), x)

@@ -128,6 +128,7 @@ HEAVY = {
     "tests/test_objective_gradients.py::test_gradient_with_respect_to_the_batch_is_exact",
     "tests/test_objective_gradients.py::test_nan_loss_gives_nan_objective",
     "tests/test_objective_gradients.py::test_one_pass_rule_equals_grad_of_the_rematerialised_objective",
+    "tests/test_precision.py::test_sampled_term_with_16_bit_params_matches_float32",
     "tests/test_retrace.py::test_second_eager_call_does_not_trace_again",
     "tests/test_spectral.py::test_dataset_accumulation_with_unequal_batches_equals_full_batch",
     "tests/test_spectral.py::test_dataset_path_does_not_retrace_on_a_second_call",

@@ -7,7 +7,8 @@ prints the process's peak RSS in MiB (``VmHWM``; ``ru_maxrss`` would count the p
 pages, since Linux keeps it across the fork and exec that started this process). KIND:
 ``grad`` (a plain jitted gradient, the baseline), ``sharpness`` (trace measure, M probes),
 ``grad_loss`` (``jax.grad`` of ``sharpness_aware_loss``, M perturbations) or ``update`` (a
-``sharpness_aware`` step, M perturbations, applied by ``optax.sgd``), at the default chunking.
+``sharpness_aware`` step, M perturbations, applied by ``optax.sgd``) or ``frobenius`` (a
+``frobenius_sam`` step: the vector-ψ path), at the default chunking.
 """
 
 import re
@@ -43,7 +44,18 @@ def build(kind: str, m: int):
             return optax.apply_updates(p, updates), state
 
         return jax.jit(step), (params, tx.init(params))
-    raise ValueError(f"kind={kind!r}: must be grad, sharpness, grad_loss or update")
+    if kind == "frobenius":
+        tx = optax.chain(
+            phipsimu.frobenius_sam(rho=0.05, num_samples=m, strength=1.0), optax.sgd(0.1)
+        )
+
+        def frobenius_step(p, state):
+            g = jax.grad(mlp_loss)(p, x, y)
+            updates, state = tx.update(g, state, p, value_fn=lambda q: mlp_loss(q, x, y))
+            return optax.apply_updates(p, updates), state
+
+        return jax.jit(frobenius_step), (params, tx.init(params))
+    raise ValueError(f"kind={kind!r}: must be grad, sharpness, grad_loss, update or frobenius")
 
 
 def main(kind: str, m: int) -> None:

@@ -34,14 +34,18 @@ _TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
 
 
 def _flatten(vs: list) -> jax.Array:
-    """A probe block as a ``(num, d)`` matrix (Hutch++/XTrace only: their QR needs it)."""
-    return jax.vmap(lambda *v: ravel_pytree(list(v))[0])(*vs)
+    """A probe block as a ``(num, d)`` matrix (Hutch++/XTrace only: their QR needs it), in at
+    least float32: there is no float16/bfloat16 QR or triangular solve, and 16-bit
+    orthonormalisation would lose the few digits these methods gain."""
+    mat = jax.vmap(lambda *v: ravel_pytree(list(v))[0])(*vs)
+    return mat.astype(jnp.promote_types(mat.dtype, jnp.float32))
 
 
 def _unflatten(mat: jax.Array, like: list) -> list:
-    """The rows of ``mat`` as a block shaped like ``like`` (leaves with a leading axis)."""
-    _, unravel = ravel_pytree([x[0] for x in like])
-    return jax.vmap(unravel)(mat)
+    """The rows of ``mat`` as a block shaped like ``like`` (leaves with a leading axis), cast
+    back to the dtypes of ``like``."""
+    flat, unravel = ravel_pytree([x[0] for x in like])
+    return jax.vmap(unravel)(mat.astype(flat.dtype))
 
 
 def _hutchinson(op: _curvature.Bound, vs: list, c: float) -> jax.Array:

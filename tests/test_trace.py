@@ -178,3 +178,20 @@ def test_bad_input():
         phipsimu.hessian_diagonal(loss, exact=True, max_dim=5)(params)
     with pytest.raises(TypeError, match=r"key="):
         phipsimu.hessian_diagonal(loss, num_samples=2)(params, key=None)
+
+
+@pytest.mark.parametrize("method, num_matvecs", [("hutch++", 6), ("xtrace", 4)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_rank_methods_take_16_bit_params(method, num_matvecs, dtype):
+    # The QR and the small dense algebra run in float32; the products stay 16-bit. Each
+    # product, probe and basis vector is rounded once to unit roundoff u (2^-8 bfloat16,
+    # 2^-11 float16) on a well-conditioned H, so the estimate moves by a few u: allow 4u.
+    c = jnp.arange(1.0, 7.0)
+    loss = lambda p: 0.5 * jnp.sum(c.astype(p.dtype) * p**2)  # noqa: E731
+    est = phipsimu.hessian_trace(loss, num_matvecs=num_matvecs, method=method)
+    key = jax.random.key(1)
+    ref = est(jnp.ones(6), key=key)
+    out = est(jnp.ones(6, dtype), key=key)
+    assert int(out.status) == 0
+    u = float(jnp.finfo(dtype).eps) / 2
+    np.testing.assert_allclose(float(out.value), float(ref.value), rtol=4 * u)

@@ -46,6 +46,10 @@ class EigenResult(NamedTuple):
         rest of the spectrum is known.
       converged: shape ``(k,)`` bools, ``residual <= tol · max|θ|``.
       num_matvecs: Hessian-vector products used.
+      status: int32 bit flags (:class:`phipsimu.Status`, as :attr:`phipsimu.Estimate.status`;
+        0 = nothing to report): ``NONFINITE_LOSS`` when a product (so the loss) or a Ritz
+        value was NaN or infinite; ``value`` is then NaN. Jit-safe; :meth:`reasons` puts a
+        concrete status into words.
     """
 
     value: jax.Array
@@ -53,6 +57,39 @@ class EigenResult(NamedTuple):
     residual: jax.Array
     converged: jax.Array
     num_matvecs: int
+    status: jax.Array
+
+    def reasons(self) -> list[str]:
+        """The status in words, one sentence per flag (empty when the status is 0).
+
+        Call it on a concrete result (outside ``jit``)."""
+        return _diagnostics.describe_status(self.status)
+
+    @property
+    def ok(self) -> jax.Array:
+        """``status == 0``: nothing to report (a boolean array, jit-safe)."""
+        return self.status == 0
+
+
+def _eigen_result(
+    value: jax.Array,
+    vectors: PyTree,
+    residual: jax.Array,
+    converged: jax.Array,
+    num_matvecs: int,
+    coefficients: jax.Array,
+) -> EigenResult:
+    """An :class:`EigenResult` whose status flags non-finite Krylov coefficients (a NaN
+    product) or Ritz values, with NaN values, residuals and no convergence then."""
+    bad = ~(jnp.all(jnp.isfinite(coefficients)) & jnp.all(jnp.isfinite(value)))
+    return EigenResult(
+        jnp.where(bad, jnp.nan, value).astype(value.dtype),
+        vectors,
+        jnp.where(bad, jnp.nan, residual).astype(residual.dtype),
+        converged & ~bad,
+        num_matvecs,
+        _diagnostics.flag(bad, Status.NONFINITE_LOSS),
+    )
 
 
 class SpectralDensity(NamedTuple):
@@ -159,7 +196,8 @@ def top_eigenvalues(
             vectors = _tree.unsplit(params, perturbed, ritz, k)
             value = theta[idx]
             converged = residual <= tol * jnp.max(jnp.abs(theta))
-            return EigenResult(value, vectors, residual, converged, n)
+            coefficients = jnp.concatenate([s.alpha[0], s.beta[0]])
+            return _eigen_result(value, vectors, residual, converged, n, coefficients)
 
         return eig
 
@@ -208,7 +246,7 @@ def power_iteration(
             bar.close()
             vectors = _tree.unsplit(params, start.perturbed, s.vector, 1)
             converged = s.residual <= tol * jnp.abs(s.theta)
-            return EigenResult(s.theta, vectors, s.residual, converged, num_iterations)
+            return _eigen_result(s.theta, vectors, s.residual, converged, num_iterations, s.theta)
 
         return eig
 
@@ -441,7 +479,9 @@ def log_determinant(
             | _diagnostics.flag(low < -tol, Status.NOT_POSITIVE_DEFINITE)
             | _diagnostics.flag(jnp.abs(low) <= tol, Status.SINGULAR)
         )
-        return est._replace(value=value, stderr=stderr, log_value=value, status=status)
+        est = est._replace(value=value, stderr=stderr, log_value=value, status=status)
+        # a NaN product (a NaN loss) gives NaN Ritz values, which compare false everywhere
+        return _measure.nonfinite(est, ~jnp.all(jnp.isfinite(theta)))
 
     return _slq_estimator(
         loss_fn,

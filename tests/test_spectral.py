@@ -301,3 +301,25 @@ def test_bad_input():
         phipsimu.hessian_trace(loss, num_matvecs=4)(params, key=key, batches=iter([(1.0,)]))
     with pytest.raises(TypeError, match=r"key="):
         phipsimu.hessian_trace(loss, num_matvecs=4)(params, key=0)
+
+
+def test_nan_loss_is_flagged_by_eigen_results_and_slq():
+    # a NaN target of a linear model: the curvature alone is finite, the loss is not
+    loss = lambda p, x, y: jnp.mean((x @ p - y) ** 2)  # noqa: E731
+    args = (jnp.ones(3), jnp.eye(3), jnp.array([0.0, jnp.nan, 0.0]))
+    key = jax.random.key(0)
+    nonfinite = phipsimu.describe_status(phipsimu.Status.NONFINITE_LOSS)
+    for eig in [
+        phipsimu.top_eigenvalues(loss, 1, num_iterations=3)(*args, key=key),
+        phipsimu.power_iteration(loss, num_iterations=2)(*args, key=key),
+    ]:
+        assert np.isnan(float(eig.value[0])) and not bool(eig.converged[0])
+        assert eig.reasons() == nonfinite and not bool(eig.ok)
+    est = phipsimu.log_determinant(loss, num_samples=2, num_iterations=3)(*args, key=key)
+    assert np.isnan(float(est.value)) and est.reasons() == nonfinite
+
+
+def test_eigen_result_status_is_zero_on_a_finite_loss():
+    loss = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * p**2)  # noqa: E731
+    eig = phipsimu.top_eigenvalues(loss, 1, num_iterations=3)(jnp.ones(3), key=jax.random.key(0))
+    assert eig.status.dtype == jnp.int32 and int(eig.status) == 0 and eig.reasons() == []

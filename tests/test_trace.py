@@ -195,3 +195,22 @@ def test_low_rank_methods_take_16_bit_params(method, num_matvecs, dtype):
     assert int(out.status) == 0
     u = float(jnp.finfo(dtype).eps) / 2
     np.testing.assert_allclose(float(out.value), float(ref.value), rtol=4 * u)
+
+
+def test_nan_target_of_a_linear_model_is_flagged():
+    # the curvature of a linear model never reads the targets: the loss itself must be checked
+    loss = lambda p, x, y: jnp.mean((x @ p - y) ** 2)  # noqa: E731
+    args = (jnp.ones(3), jnp.eye(3), jnp.array([0.0, jnp.nan, 0.0]))
+    ggn = curvature.gauss_newton(lambda p, x: x @ p, mse)
+    key = jax.random.key(0)
+    ests = [
+        phipsimu.hessian_trace(loss, num_matvecs=2)(*args, key=key),
+        phipsimu.hessian_trace(loss, num_matvecs=6, method="hutch++")(*args, key=key),
+        phipsimu.hessian_trace(loss, num_matvecs=4, method="xtrace")(*args, key=key),
+        phipsimu.hessian_trace(ggn, num_matvecs=2)(*args, key=key),
+        phipsimu.hessian_diagonal(loss, num_samples=2)(*args, key=key),
+        phipsimu.hessian_diagonal(loss, exact=True)(*args),
+    ]
+    for est in ests:
+        assert np.all(np.isnan(_flat(est.value)))
+        assert int(est.status) & int(phipsimu.Status.NONFINITE_LOSS)

@@ -314,10 +314,14 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
     consts = list(closed.consts)
     # extended dtypes (PRNG keys) cannot pass the barrier; integer work on them is cheap
     fenced = [i for i, c in enumerate(consts) if not _is_key(c)]
-    out_tree = jax.tree_util.tree_structure(shape)
+    out_leaves, out_tree = jax.tree_util.tree_flatten(shape)
+    # outputs without elements (a zero-size parameter leaf) stay out of the loop: they hold
+    # no data, and lax.map cannot reshape them back when a partial chunk remains
+    empty = [o.size == 0 for o in out_leaves]
     leaves = jax.tree_util.tree_leaves(v)
+    num = leaves[0].shape[0] if leaves else 0
     # one loop-varying counter per sample, for the barriers that hold no sample (_fence)
-    counter = jnp.arange(leaves[0].shape[0]) if leaves else None
+    counter = jnp.arange(num) if leaves else None
 
     def body(xc: tuple) -> Any:
         x, count = xc
@@ -326,9 +330,13 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
         for i, c in zip(fenced, kept):
             inner[i] = c
         out = jax.core.eval_jaxpr(closed.jaxpr, inner, *x)
-        return jax.tree_util.tree_unflatten(out_tree, out)
+        return [o for o, e in zip(out, empty) if not e]
 
-    return jax.lax.map(body, (leaves, counter), batch_size=chunk_size)
+    it = iter(jax.lax.map(body, (leaves, counter), batch_size=chunk_size))
+    out = [
+        jnp.zeros((num, *o.shape), o.dtype) if e else next(it) for o, e in zip(out_leaves, empty)
+    ]
+    return jax.tree_util.tree_unflatten(out_tree, out)
 
 
 def _fence(consts: list, x: list, count: Any) -> tuple[list, list]:

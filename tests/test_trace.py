@@ -214,3 +214,17 @@ def test_nan_target_of_a_linear_model_is_flagged():
     for est in ests:
         assert np.all(np.isnan(_flat(est.value)))
         assert int(est.status) & int(phipsimu.Status.NONFINITE_LOSS)
+
+
+def test_hessian_diagonal_with_a_zero_size_leaf():
+    loss = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * p["a"] ** 2) + jnp.sum(p["b"])  # noqa: E731
+    params = {"a": jnp.ones(3), "b": jnp.zeros((0, 2))}
+    # a partial last chunk (3 probes in chunks of 2) and the exact path
+    for est in [
+        phipsimu.hessian_diagonal(loss, num_samples=3, chunk_size=2),
+        phipsimu.hessian_diagonal(loss, exact=True),
+    ]:
+        out = est(params, key=jax.random.key(0))
+        assert out.value["b"].shape == (0, 2) and out.stderr["b"].shape == (0, 2)
+        np.testing.assert_allclose(out.value["a"], [1.0, 2.0, 3.0], rtol=1e-6)
+        assert int(out.status) == 0

@@ -411,7 +411,9 @@ class LinearOperator(Operator):
     def restrict(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> Restricted:
         def matvec(v: list) -> list:
             full = _tree.unsplit(params, perturbed, v)
-            return _tree.active(self.matvec_fn(params, full, *args), perturbed)
+            out = self.matvec_fn(params, full, *args)
+            _check_matvec_output(out, full)
+            return _tree.active(out, perturbed)
 
         quadratic_form_fn = self.quadratic_form_fn
         if quadratic_form_fn is None:
@@ -426,6 +428,27 @@ class LinearOperator(Operator):
                 return quadratic_form_fn(params, full, *args)
 
         return Restricted(matvec, quad)
+
+
+def _shapes(tree: PyTree) -> str:
+    return str(jax.tree_util.tree_map(lambda x: tuple(jnp.shape(x)), tree))
+
+
+def _check_matvec_output(out: PyTree, v: PyTree) -> None:
+    """A user's ``matvec(params, v, *args)`` must return a pytree shaped like ``v`` (the
+    params): same structure, same leaf shapes (static, checked while tracing)."""
+    want = jax.tree_util.tree_structure(v)
+    got = jax.tree_util.tree_structure(out)
+    same = got == want and all(
+        jnp.shape(a) == jnp.shape(b)
+        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(v))
+    )
+    if not same:
+        raise ValueError(
+            "matvec: must return Cv shaped like params (and v); expected structure "
+            f"{want} with leaf shapes {_shapes(v)}, got structure {got} with leaf shapes "
+            f"{_shapes(out)}"
+        )
 
 
 def linear_operator(

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from phipsimu import _checks, _curvature, _diagnostics, _krylov, _measure, _mu, _tree
 from phipsimu._diagnostics import Status
@@ -345,6 +346,37 @@ def _slq_estimator(
     return _tree.per_block(build, mask, blocks)
 
 
+def _check_elementwise(f: Callable[[jax.Array], jax.Array]) -> None:
+    """Raise a ValueError unless ``f`` acts elementwise on a few positive test values: it
+    keeps the shape of a (2, 4) array, commutes with a permutation and gives the same values
+    on a prefix (``jnp.sum``, ``jnp.sort``, ``jnp.cumsum``, ``x - x.mean()`` fail). Ten scalar
+    evaluations, once, when built."""
+    x = jnp.array([0.5, 1.0, 2.0, 3.0], jnp.float32)
+    perm = jnp.array([2, 0, 3, 1])
+    try:
+        shape = jax.eval_shape(f, jax.ShapeDtypeStruct((2, 4), jnp.float32)).shape
+        fx, fpx, head = (np.asarray(f(y)) for y in (x, x[perm], x[:2]))
+    except Exception as err:
+        raise ValueError(
+            f"f={f!r}: must be an elementwise JAX function of an array of eigenvalues "
+            f"(jnp.log, jnp.square, ...); calling it on an array raised {err!r}"
+        ) from err
+    elementwise = (
+        shape == (2, 4)
+        and fx.shape == fpx.shape == (4,)
+        and head.shape == (2,)
+        and np.allclose(fx[np.asarray(perm)], fpx, rtol=1e-6, atol=0.0, equal_nan=True)
+        and np.allclose(fx[:2], head, rtol=1e-6, atol=0.0, equal_nan=True)
+    )
+    if not elementwise:
+        raise ValueError(
+            f"f={f!r}: must act elementwise on the eigenvalues (f(θ)[i] = f(θ[i]), as "
+            "jnp.log or jnp.square); on test values it changed the shape of its input, did "
+            "not commute with a permutation or mixed entries (a reduction such as jnp.sum, "
+            "jnp.sort, x - x.mean())"
+        )
+
+
 def trace_function(
     loss_fn: _curvature.Curvature,
     f: Callable[[jax.Array], jax.Array],
@@ -370,7 +402,9 @@ def trace_function(
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar`` (its Hessian H is analysed), or a
         curvature operator from :mod:`phipsimu.curvature` (e.g. ``gauss_newton``).
-      f: an elementwise JAX function of the eigenvalues (``jnp.log``, ``jnp.square``, …).
+      f: an elementwise JAX function of the eigenvalues (``jnp.log``, ``jnp.square``, …);
+        checked when built on a few test values: a reduction (``jnp.sum``) or a function
+        that mixes entries (``jnp.sort``) raises a ValueError.
       num_samples: probes m (>= 1; >= 2 for a standard error).
       num_iterations: Lanczos steps n per probe (HVPs per probe; capped at d).
       probes: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``, drawn by
@@ -388,6 +422,7 @@ def trace_function(
     """
     if not callable(f):
         raise TypeError(f"f={f!r}: must be a callable applied to the eigenvalues")
+    _check_elementwise(f)
 
     def finish(theta: jax.Array, tau: jax.Array, d: int) -> Estimate:
         return _measure.sample_mean(d * jnp.sum(tau * f(theta), axis=1))

@@ -323,3 +323,14 @@ def test_eigen_result_status_is_zero_on_a_finite_loss():
     loss = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * p**2)  # noqa: E731
     eig = phipsimu.top_eigenvalues(loss, 1, num_iterations=3)(jnp.ones(3), key=jax.random.key(0))
     assert eig.status.dtype == jnp.int32 and int(eig.status) == 0 and eig.reasons() == []
+
+
+@pytest.mark.parametrize("f", [jnp.sum, jnp.sort, jnp.cumsum, lambda x: x - jnp.mean(x)])
+def test_trace_function_rejects_a_non_elementwise_f(f):
+    with pytest.raises(ValueError, match=r"f=.*must act elementwise"):
+        phipsimu.trace_function(lambda p: jnp.sum(p**2), f, num_samples=2)
+
+
+@pytest.mark.parametrize("f", [jnp.log, jnp.square, jnp.exp, lambda x: jnp.where(x > 1, x, 0.0)])
+def test_trace_function_accepts_elementwise_f(f):
+    phipsimu.trace_function(lambda p: jnp.sum(p**2), f, num_samples=2)

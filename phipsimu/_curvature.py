@@ -437,8 +437,8 @@ def _shapes(tree: PyTree) -> str:
 def _check_matvec_output(out: PyTree, v: PyTree) -> None:
     """A user's ``matvec(params, v, *args)`` must return a pytree shaped like ``v`` (the
     params): same structure, same leaf shapes (static, checked while tracing)."""
-    want = jax.tree_util.tree_structure(v)
-    got = jax.tree_util.tree_structure(out)
+    want: Any = jax.tree_util.tree_structure(v)
+    got: Any = jax.tree_util.tree_structure(out)
     same = got == want and all(
         jnp.shape(a) == jnp.shape(b)
         for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(v))

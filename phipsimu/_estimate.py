@@ -32,6 +32,7 @@ def _check_probing(measure: _measure.Measure, num_samples: Any, chunk_size: Any)
     _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
 
 
+@_tree.cached_factory
 def sharpness(
     loss_fn: _curvature.Curvature,
     measure: _measure.Measure,
@@ -227,6 +228,7 @@ def _certify_finite(
     return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
 
+@_tree.cached_factory
 def exact_sharpness(
     loss_fn: _curvature.Curvature,
     measure: _measure.Measure,

@@ -114,6 +114,7 @@ class SpectralDensity(NamedTuple):
     bandwidth: jax.Array
 
 
+@_tree.cached_factory
 def top_eigenvalues(
     loss_fn: _curvature.Curvature,
     k: int = 1,
@@ -205,6 +206,7 @@ def top_eigenvalues(
     return _tree.per_block(build, mask, blocks)
 
 
+@_tree.cached_factory
 def power_iteration(
     loss_fn: _curvature.Curvature,
     *,
@@ -377,6 +379,7 @@ def _check_elementwise(f: Callable[[jax.Array], jax.Array]) -> None:
         )
 
 
+@_tree.cached_factory
 def trace_function(
     loss_fn: _curvature.Curvature,
     f: Callable[[jax.Array], jax.Array],
@@ -440,6 +443,7 @@ def trace_function(
     )
 
 
+@_tree.cached_factory
 def log_determinant(
     loss_fn: _curvature.Curvature,
     *,
@@ -531,6 +535,7 @@ def log_determinant(
     )
 
 
+@_tree.cached_factory
 def spectral_density(
     loss_fn: _curvature.Curvature,
     *,

@@ -123,6 +123,7 @@ def _xtrace(op: _curvature.Bound, vs: list) -> jax.Array:
     return (_xtrace_combine_jit if op.host else _xtrace_combine)(omega, q, r, z)
 
 
+@_tree.cached_factory
 def hessian_trace(
     loss_fn: _curvature.Curvature,
     *,
@@ -236,6 +237,7 @@ def hessian_trace(
 # ---------------------------------------------------------------- diagonal
 
 
+@_tree.cached_factory
 def hessian_diagonal(
     loss_fn: _curvature.Curvature,
     *,

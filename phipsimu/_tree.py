@@ -9,9 +9,10 @@ tuple of bools, one per leaf of ``params``.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +182,45 @@ def eager_jit(fn: Callable) -> Callable:
         return fn(params, *args, **kwargs)
 
     return call
+
+
+#: Estimators kept per factory by :func:`cached_factory` (least recently used dropped).
+FACTORY_CACHE_SIZE = 64
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def cached_factory(factory: _F) -> _F:
+    """``factory`` returning the same estimator for the same configuration, so an estimator
+    built inline on every call (``phipsimu.sharpness(loss, measure, num_samples=8)(params,
+    key=k)`` in a loop) reuses its jitted program instead of compiling again.
+
+    The key is the arguments with their types (``4`` and ``4.0`` differ); operators, measures
+    and samplers are frozen dataclasses that compare by value, functions by identity. When
+    an argument is not hashable (a dict mask, an array) the factory simply runs. At most
+    :data:`FACTORY_CACHE_SIZE` estimators are kept per factory."""
+    cache: collections.OrderedDict = collections.OrderedDict()
+
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        key = (
+            tuple((type(a), a) for a in args),
+            tuple((k, type(v), v) for k, v in sorted(kwargs.items())),
+        )
+        try:
+            hit = cache.get(key)
+        except TypeError:  # an unhashable argument
+            return factory(*args, **kwargs)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit
+        out = factory(*args, **kwargs)
+        cache[key] = out
+        if len(cache) > FACTORY_CACHE_SIZE:
+            cache.popitem(last=False)
+        return out
+
+    return cast(_F, build)
 
 
 def per_block(build: Callable[[Any], Callable], mask: Any, blocks: Any) -> Callable:

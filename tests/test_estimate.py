@@ -412,3 +412,38 @@ class TestBadInput:
             phipsimu.exact_sharpness(
                 lambda p: jnp.sum(p**2), phipsimu.measures.trace(), max_dim=10
             )(jnp.ones(11))
+
+
+def test_estimator_built_inline_does_not_recompile():
+    """Building the estimator anew on every call (in a Python loop) reuses the first build's
+    compilation: the factories cache by configuration (counted by JAX's trace events)."""
+    params = {"w": jnp.ones(3)}
+    x = jnp.eye(3)
+    traces = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    def loss(p, x):
+        return jnp.mean((x @ p["w"]) ** 2)
+
+    builds = {
+        "sharpness": lambda: phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=2),
+        "trace": lambda: phipsimu.hessian_trace(loss, num_matvecs=2),
+        "lanczos": lambda: phipsimu.top_eigenvalues(loss, 1, num_iterations=2),
+    }
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for name, build in builds.items():
+            first = build()(params, x, key=jax.random.key(0))
+            traces.clear()
+            second = build()(params, x, key=jax.random.key(0))
+            assert not traces, f"{name}: {len(traces)} retrace(s) when built again"
+            np.testing.assert_array_equal(second.value, first.value)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # an unhashable argument (a dict mask) still builds, without the cache
+    mask = {"w": True}
+    est = phipsimu.hessian_trace(loss, num_matvecs=2, mask=mask)(params, x, key=jax.random.key(0))
+    assert int(est.status) == 0

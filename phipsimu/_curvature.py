@@ -166,23 +166,47 @@ class Hessian(Operator):
         return (lambda a: self.loss_fn(merge(a), *args)), active
 
     def restrict(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> Restricted:
+        # The loss L(x) comes out of every product as a by-product (the primal of the inner
+        # derivative, at no extra cost) and a non-finite L makes the result NaN: the curvature
+        # of a model linear in its params never reads the targets, so a NaN target would
+        # otherwise give finite curvature at a NaN loss.
         f, active = self._restricted_loss(params, perturbed, args)
 
+        def grad_and_loss(a: list) -> tuple[list, jax.Array]:
+            value, g = jax.value_and_grad(f)(a)
+            return g, value
+
         def matvec(v: list) -> list:
-            return jax.jvp(jax.grad(f), (active,), (v,))[1]
+            _, hv, value = jax.jvp(grad_and_loss, (active,), (v,), has_aux=True)
+            return nan_unless_finite(value, hv)
 
         def quad(v: list) -> jax.Array:
-            def directional(a: list) -> jax.Array:
-                return jax.jvp(f, (a,), (v,))[1]
+            def directional(a: list) -> tuple[jax.Array, jax.Array]:
+                value, dv = jax.jvp(f, (a,), (v,))
+                return dv, value
 
-            return jax.jvp(directional, (active,), (v,))[1]
+            _, q, value = jax.jvp(directional, (active,), (v,), has_aux=True)
+            return nan_unless_finite(value, q)
 
         return Restricted(matvec, quad)
 
     def dense_matrix(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> jax.Array:
         f, active = self._restricted_loss(params, perturbed, args)
         flat, unravel = ravel_pytree(active)
-        return jax.hessian(lambda z: f(unravel(z)))(flat)
+
+        def loss(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+            value = f(unravel(z))
+            return value, value
+
+        h, value = jax.jacfwd(jax.jacrev(loss, has_aux=True), has_aux=True)(flat)
+        return nan_unless_finite(value, h)
+
+
+def nan_unless_finite(loss: jax.Array, out: Any) -> Any:
+    """``out`` (any pytree), or NaN in every entry when ``loss`` is not finite: a product or
+    quadratic form at a NaN or infinite loss is not a curvature (``Status.NONFINITE_LOSS``)."""
+    finite = jnp.isfinite(loss)
+    return jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.nan).astype(x.dtype), out)
 
 
 def hessian(loss_fn: Callable[..., jax.Array]) -> Hessian:
@@ -265,18 +289,26 @@ class GaussNewton(Operator):
         def ell(o: PyTree) -> jax.Array:
             return self.output_loss(o, *targets)
 
+        # as for the Hessian, the output loss is a by-product that turns the result NaN when
+        # it is not finite (a NaN target leaves Jᵀ∇²ℓJ finite for the squared error)
+        def grad_and_loss(o: PyTree) -> tuple[PyTree, jax.Array]:
+            value, g = jax.value_and_grad(ell)(o)
+            return g, value
+
         def matvec(v: list) -> list:
             u = jvp(v)
-            hu = jax.jvp(jax.grad(ell), (outputs,), (u,))[1]
-            return vjp(hu)[0]
+            _, hu, value = jax.jvp(grad_and_loss, (outputs,), (u,), has_aux=True)
+            return nan_unless_finite(value, vjp(hu)[0])
 
         def quad(v: list) -> jax.Array:
             u = jvp(v)
 
-            def directional(o: PyTree) -> jax.Array:
-                return jax.jvp(ell, (o,), (u,))[1]
+            def directional(o: PyTree) -> tuple[jax.Array, jax.Array]:
+                value, du = jax.jvp(ell, (o,), (u,))
+                return du, value
 
-            return jax.jvp(directional, (outputs,), (u,))[1]
+            _, q, value = jax.jvp(directional, (outputs,), (u,), has_aux=True)
+            return nan_unless_finite(value, q)
 
         return Restricted(matvec, quad)
 
@@ -340,7 +372,9 @@ class LinearOperator(Operator):
     def restrict(self, params: PyTree, perturbed: _tree.Perturbed, args: tuple) -> Restricted:
         def matvec(v: list) -> list:
             full = _tree.unsplit(params, perturbed, v)
-            return _tree.active(self.matvec_fn(params, full, *args), perturbed)
+            out = self.matvec_fn(params, full, *args)
+            _check_matvec_output(out, full)
+            return _tree.active(out, perturbed)
 
         quadratic_form_fn = self.quadratic_form_fn
         if quadratic_form_fn is None:
@@ -355,6 +389,27 @@ class LinearOperator(Operator):
                 return quadratic_form_fn(params, full, *args)
 
         return Restricted(matvec, quad)
+
+
+def _shapes(tree: PyTree) -> str:
+    return str(jax.tree_util.tree_map(lambda x: tuple(jnp.shape(x)), tree))
+
+
+def _check_matvec_output(out: PyTree, v: PyTree) -> None:
+    """A user's ``matvec(params, v, *args)`` must return a pytree shaped like ``v`` (the
+    params): same structure, same leaf shapes (static, checked while tracing)."""
+    want: Any = jax.tree_util.tree_structure(v)
+    got: Any = jax.tree_util.tree_structure(out)
+    same = got == want and all(
+        jnp.shape(a) == jnp.shape(b)
+        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(v))
+    )
+    if not same:
+        raise ValueError(
+            "matvec: must return Cv shaped like params (and v); expected structure "
+            f"{want} with leaf shapes {_shapes(v)}, got structure {got} with leaf shapes "
+            f"{_shapes(out)}"
+        )
 
 
 def linear_operator(

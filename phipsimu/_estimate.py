@@ -42,6 +42,7 @@ def _check_probing(measure: _measure.Measure, num_samples: Any, chunk_size: Any)
     _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
 
 
+@_execution.cached_factory
 def sharpness(
     loss_fn: _curvature.Curvature,
     measure: _measure.Measure,
@@ -237,6 +238,7 @@ def _certify_finite(
     return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
 
+@_execution.cached_factory
 def exact_sharpness(
     loss_fn: _curvature.Curvature,
     measure: _measure.Measure,
@@ -296,6 +298,12 @@ def exact_sharpness(
         h = _curvature.dense(op, params, args, batches, perturbed)
         # float16/bfloat16 matrices are decomposed in float32 (there is no float16 eigh)
         h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+        # a NaN loss makes the Hessian's matrix NaN (the operators check it); NaN params are
+        # checked here too, since a user's operator may ignore the params
+        x = _tree.active(params, perturbed)
+        nonfinite = ~(
+            jnp.all(jnp.isfinite(h)) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in x]))
+        )
         if adaptive:
             t = jnp.abs(ravel_pytree(_tree.active(params, perturbed))[0]) + eta
             h = t[:, None] * h * t[None, :]
@@ -312,10 +320,10 @@ def exact_sharpness(
             est = _measure.closed_form(value, log_value, h.dtype)
             if measure.requires_positive_definite:
                 status = _diagnostics.flag(
-                    jnp.isnan(log_value), Status.NOT_POSITIVE_DEFINITE
+                    jnp.isnan(log_value) & ~nonfinite, Status.NOT_POSITIVE_DEFINITE
                 ) | _diagnostics.flag(log_value == -jnp.inf, Status.SINGULAR | Status.DIVERGENT)
                 est = est._replace(status=status)
-            return est
+            return _measure.nonfinite(est, nonfinite)
         if key is None:
             raise ValueError(
                 f"key=None: measure {measure.name!r} has no closed form, so exact_sharpness "
@@ -325,12 +333,12 @@ def exact_sharpness(
         vmat = jax.vmap(lambda *v: ravel_pytree(list(v))[0])(*draw.active())
         q = jnp.einsum("id,de,ie->i", vmat, h, vmat)
         est = _measure.reduce(measure, q.astype(draw.log_weight.dtype), draw.log_weight, d)
-        if not measure.may_diverge:
-            return est
-        eigs = jnp.linalg.eigvalsh(h).astype(est.value.dtype)
-        tol = d * jnp.finfo(eigs.dtype).eps * jnp.max(jnp.abs(eigs))
-        groups = _num_groups(measure.mu, params, perturbed)
-        return _certify_finite(est, eigs, tol, jnp.abs(eigs[0]) <= tol, groups)
+        if measure.may_diverge:
+            eigs = jnp.linalg.eigvalsh(h).astype(est.value.dtype)
+            tol = d * jnp.finfo(eigs.dtype).eps * jnp.max(jnp.abs(eigs))
+            groups = _num_groups(measure.mu, params, perturbed)
+            est = _certify_finite(est, eigs, tol, jnp.abs(eigs[0]) <= tol, groups)
+        return _measure.nonfinite(est, nonfinite)
 
     return _execution.eager_jit(evaluate)
 

@@ -9,16 +9,18 @@ grid points), in one place.
 * :func:`lift`: a function with everything it captures made explicit inputs (the chunked
   loop fences them; the eq. 10 rule differentiates them);
 * the estimators' calling convention: :func:`eager_jit` (an eager call compiles once per
-  shape) and :func:`per_block` (one result per block of leaves).
+  shape), :func:`cached_factory` (an estimator built again with the same configuration is
+  the same function) and :func:`per_block` (one result per block of leaves).
 
 Numbers never depend on the strategy: every sample is drawn from the key and its index alone.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -123,9 +125,14 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
     consts = lifted.consts
     # extended dtypes (PRNG keys) cannot pass the barrier; integer work on them is cheap
     fenced = [i for i, c in enumerate(consts) if not _is_key(c)]
+    out_leaves, out_tree = jax.tree_util.tree_flatten(lifted.shape)
+    # outputs without elements (a zero-size parameter leaf) stay out of the loop: they hold
+    # no data, and lax.map cannot reshape them back when a partial chunk remains
+    empty = [o.size == 0 for o in out_leaves]
     leaves = jax.tree_util.tree_leaves(v)
+    num = leaves[0].shape[0] if leaves else 0
     # one loop-varying counter per sample, for the barriers that hold no sample (_fence)
-    counter = jnp.arange(leaves[0].shape[0]) if leaves else None
+    counter = jnp.arange(num) if leaves else None
 
     def body(xc: tuple) -> Any:
         x, count = xc
@@ -133,9 +140,14 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
         kept, x = _fence([consts[i] for i in fenced], x, count)
         for i, c in zip(fenced, kept):
             inner[i] = c
-        return lifted.call(inner, *x)
+        out = jax.tree_util.tree_leaves(lifted.call(inner, *x))
+        return [o for o, e in zip(out, empty) if not e]
 
-    return jax.lax.map(body, (leaves, counter), batch_size=chunk_size)
+    it = iter(jax.lax.map(body, (leaves, counter), batch_size=chunk_size))
+    out = [
+        jnp.zeros((num, *o.shape), o.dtype) if e else next(it) for o, e in zip(out_leaves, empty)
+    ]
+    return jax.tree_util.tree_unflatten(out_tree, out)
 
 
 def _fence(consts: list, x: list, count: Any) -> tuple[list, list]:
@@ -218,6 +230,45 @@ def eager_jit(fn: Callable) -> Callable:
         return fn(params, *args, **kwargs)
 
     return call
+
+
+#: Estimators kept per factory by :func:`cached_factory` (least recently used dropped).
+FACTORY_CACHE_SIZE = 64
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def cached_factory(factory: _F) -> _F:
+    """``factory`` returning the same estimator for the same configuration, so an estimator
+    built inline on every call (``phipsimu.sharpness(loss, measure, num_samples=8)(params,
+    key=k)`` in a loop) reuses its jitted program instead of compiling again.
+
+    The key is the arguments with their types (``4`` and ``4.0`` differ); operators, measures
+    and samplers are frozen dataclasses that compare by value, functions by identity. When
+    an argument is not hashable (a dict mask, an array) the factory simply runs. At most
+    :data:`FACTORY_CACHE_SIZE` estimators are kept per factory."""
+    cache: collections.OrderedDict = collections.OrderedDict()
+
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        key = (
+            tuple((type(a), a) for a in args),
+            tuple((k, type(v), v) for k, v in sorted(kwargs.items())),
+        )
+        try:
+            hit = cache.get(key)
+        except TypeError:  # an unhashable argument
+            return factory(*args, **kwargs)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit
+        out = factory(*args, **kwargs)
+        cache[key] = out
+        if len(cache) > FACTORY_CACHE_SIZE:
+            cache.popitem(last=False)
+        return out
+
+    return cast(_F, build)
 
 
 def per_block(build: Callable[[Any], Callable], mask: Any, blocks: Any) -> Callable:

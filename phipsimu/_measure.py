@@ -196,6 +196,21 @@ def closed_form(value: Any, log_value: Any, dtype: Any) -> Estimate:
     return Estimate(value, stderr, log_value, inf, 0, nan, _diagnostics.ok())
 
 
+def nonfinite(est: Estimate, condition: Any) -> Estimate:
+    """``est`` with ``Status.NONFINITE_LOSS`` and NaN value, stderr and log_value (leaf by
+    leaf) where ``condition`` holds (jit-safe)."""
+
+    def nan(tree: Any) -> Any:
+        return jax.tree.map(lambda x: jnp.where(condition, jnp.nan, x).astype(x.dtype), tree)
+
+    return est._replace(
+        value=nan(est.value),
+        stderr=nan(est.stderr),
+        log_value=nan(est.log_value),
+        status=est.status | _diagnostics.flag(condition, Status.NONFINITE_LOSS),
+    )
+
+
 def ess(log_weight: jax.Array) -> jax.Array:
     """Effective sample size ``(Σw)²/Σw²`` of importance weights, computed in log space."""
     lse = jax.scipy.special.logsumexp

@@ -68,7 +68,7 @@ def sharpness_term(
     rounding. docs/conventions.md, section "Low precision".
     """
     _measure.check_measure(measure)
-    _checks.real("rho", rho, lo=0.0, strict=True)
+    _checks.real("rho", rho, lo=0.0, strict=False)
     _checks.integer("num_samples", num_samples, lo=2 if measure.phi_unbiased else 1)
     if antithetic and num_samples % 2:
         raise ValueError(
@@ -173,9 +173,15 @@ class _Reduction:
 
     def delta(self, wide: jax.Array, base_wide: jax.Array, rho: Any) -> jax.Array:
         """``Δ = 2(L(x + ρv) − L(x))/ρ²``, or the symmetric difference for a pair; the
-        losses are subtracted before any scaling, so nearby losses keep their digits."""
+        losses are subtracted before any scaling, so nearby losses keep their digits.
+
+        At ρ = 0 (a warm-up schedule under ``optax.inject_hyperparams``) the term
+        ``s·ρ²·φ(…)`` is defined as exactly 0: Δ is then the constant 1 (finite ψ for every
+        preset, no 0/0), so the term and its gradient are 0, not NaN."""
         diff = (wide - base_wide) * self.unit().astype(wide.dtype)
-        return jnp.sum(diff, axis=-1) * (2.0 / rho**2)
+        live = rho != 0
+        scale = 2.0 / jnp.where(live, rho, 1.0) ** 2
+        return jnp.where(live, jnp.sum(diff, axis=-1) * scale, 1.0).astype(wide.dtype)
 
     def finish(
         self, out: jax.Array, log_w: jax.Array, base: jax.Array, rho: Any, s: Any
@@ -196,14 +202,16 @@ class _Reduction:
         cotangents that enter the loss's backward pass O(1) for any ρ (``2/ρ²`` overflows
         float16 at ρ < 0.006); :meth:`outer` puts it back."""
         delta = self.delta(wide, base_wide, rho)
-        unit = self.unit().astype(wide.dtype)
+        # at ρ = 0 the term is the constant 0 (see delta): no sample has a partial
+        live = (rho != 0).astype(wide.dtype) if _checks.is_traced(rho) else float(rho != 0)
+        unit = self.unit().astype(wide.dtype) * live
         half = rho**2 / 2.0
         if self.measure.log_space:
             ell, dell = jax.value_and_grad(self.measure.log_psi)(delta)  # type: ignore[arg-type]
-            return ell + log_w, dell * unit, jnp.full_like(log_w, half), -dell
+            return ell + log_w, dell * unit, jnp.full_like(log_w, half), -dell * live
         psi, dpsi = jax.value_and_grad(self.measure.psi)(delta)
         w = jnp.exp(log_w)
-        return jnp.zeros_like(log_w), w * dpsi * unit, w * psi * half, -w * dpsi
+        return jnp.zeros_like(log_w), w * dpsi * unit, w * psi * half, -w * dpsi * live
 
     def outer(
         self,
@@ -506,7 +514,9 @@ def sharpness_aware_loss(
       loss_fn: ``loss_fn(params, *args)`` returning a scalar, or ``(scalar, aux)`` with
         ``has_aux=True``.
       measure: a :class:`phipsimu.Measure`; its sampler draws the perturbations.
-      rho: perturbation radius ρ > 0.
+      rho: perturbation radius ρ >= 0. At ρ = 0 the sharpness term is defined as exactly 0
+        (no division by ρ²), so the objective is L(x) and its gradient ∇L(x): a warm-up
+        schedule from 0 under ``optax.inject_hyperparams`` is fine, also with ρ traced.
       num_samples: perturbations m per evaluation (even with ``antithetic``).
       strength: s >= 0, the weight of the sharpness term.
       antithetic: pair each v with −v and use ``(L(x+ρv) + L(x−ρv) − 2L(x))/ρ²``: the

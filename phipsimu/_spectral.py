@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from phipsimu import _checks, _curvature, _diagnostics, _execution, _krylov, _measure, _mu, _tree
 from phipsimu._diagnostics import Status
@@ -46,6 +47,10 @@ class EigenResult(NamedTuple):
         rest of the spectrum is known.
       converged: shape ``(k,)`` bools, ``residual <= tol · max|θ|``.
       num_matvecs: Hessian-vector products used.
+      status: int32 bit flags (:class:`phipsimu.Status`, as :attr:`phipsimu.Estimate.status`;
+        0 = nothing to report): ``NONFINITE_LOSS`` when a product (so the loss) or a Ritz
+        value was NaN or infinite; ``value`` is then NaN. Jit-safe; :meth:`reasons` puts a
+        concrete status into words.
     """
 
     value: jax.Array
@@ -53,6 +58,39 @@ class EigenResult(NamedTuple):
     residual: jax.Array
     converged: jax.Array
     num_matvecs: int
+    status: jax.Array
+
+    def reasons(self) -> list[str]:
+        """The status in words, one sentence per flag (empty when the status is 0).
+
+        Call it on a concrete result (outside ``jit``)."""
+        return _diagnostics.describe_status(self.status)
+
+    @property
+    def ok(self) -> jax.Array:
+        """``status == 0``: nothing to report (a boolean array, jit-safe)."""
+        return self.status == 0
+
+
+def _eigen_result(
+    value: jax.Array,
+    vectors: PyTree,
+    residual: jax.Array,
+    converged: jax.Array,
+    num_matvecs: int,
+    coefficients: jax.Array,
+) -> EigenResult:
+    """An :class:`EigenResult` whose status flags non-finite Krylov coefficients (a NaN
+    product) or Ritz values, with NaN values, residuals and no convergence then."""
+    bad = ~(jnp.all(jnp.isfinite(coefficients)) & jnp.all(jnp.isfinite(value)))
+    return EigenResult(
+        jnp.where(bad, jnp.nan, value).astype(value.dtype),
+        vectors,
+        jnp.where(bad, jnp.nan, residual).astype(residual.dtype),
+        converged & ~bad,
+        num_matvecs,
+        _diagnostics.flag(bad, Status.NONFINITE_LOSS),
+    )
 
 
 class SpectralDensity(NamedTuple):
@@ -76,6 +114,7 @@ class SpectralDensity(NamedTuple):
     bandwidth: jax.Array
 
 
+@_execution.cached_factory
 def top_eigenvalues(
     loss_fn: _curvature.Curvature,
     k: int = 1,
@@ -159,13 +198,15 @@ def top_eigenvalues(
             vectors = _tree.unsplit(params, perturbed, ritz, k)
             value = theta[idx]
             converged = residual <= tol * jnp.max(jnp.abs(theta))
-            return EigenResult(value, vectors, residual, converged, n)
+            coefficients = jnp.concatenate([s.alpha[0], s.beta[0]])
+            return _eigen_result(value, vectors, residual, converged, n, coefficients)
 
         return eig
 
     return _execution.per_block(build, mask, blocks)
 
 
+@_execution.cached_factory
 def power_iteration(
     loss_fn: _curvature.Curvature,
     *,
@@ -208,7 +249,7 @@ def power_iteration(
             bar.close()
             vectors = _tree.unsplit(params, start.perturbed, s.vector, 1)
             converged = s.residual <= tol * jnp.abs(s.theta)
-            return EigenResult(s.theta, vectors, s.residual, converged, num_iterations)
+            return _eigen_result(s.theta, vectors, s.residual, converged, num_iterations, s.theta)
 
         return eig
 
@@ -307,6 +348,38 @@ def _slq_estimator(
     return _execution.per_block(build, mask, blocks)
 
 
+def _check_elementwise(f: Callable[[jax.Array], jax.Array]) -> None:
+    """Raise a ValueError unless ``f`` acts elementwise on a few positive test values: it
+    keeps the shape of a (2, 4) array, commutes with a permutation and gives the same values
+    on a prefix (``jnp.sum``, ``jnp.sort``, ``jnp.cumsum``, ``x - x.mean()`` fail). Ten scalar
+    evaluations, once, when built."""
+    x = jnp.array([0.5, 1.0, 2.0, 3.0], jnp.float32)
+    perm = jnp.array([2, 0, 3, 1])
+    try:
+        shape = jax.eval_shape(f, jax.ShapeDtypeStruct((2, 4), jnp.float32)).shape
+        fx, fpx, head = (np.asarray(f(y)) for y in (x, x[perm], x[:2]))
+    except Exception as err:
+        raise ValueError(
+            f"f={f!r}: must be an elementwise JAX function of an array of eigenvalues "
+            f"(jnp.log, jnp.square, ...); calling it on an array raised {err!r}"
+        ) from err
+    elementwise = (
+        shape == (2, 4)
+        and fx.shape == fpx.shape == (4,)
+        and head.shape == (2,)
+        and np.allclose(fx[np.asarray(perm)], fpx, rtol=1e-6, atol=0.0, equal_nan=True)
+        and np.allclose(fx[:2], head, rtol=1e-6, atol=0.0, equal_nan=True)
+    )
+    if not elementwise:
+        raise ValueError(
+            f"f={f!r}: must act elementwise on the eigenvalues (f(θ)[i] = f(θ[i]), as "
+            "jnp.log or jnp.square); on test values it changed the shape of its input, did "
+            "not commute with a permutation or mixed entries (a reduction such as jnp.sum, "
+            "jnp.sort, x - x.mean())"
+        )
+
+
+@_execution.cached_factory
 def trace_function(
     loss_fn: _curvature.Curvature,
     f: Callable[[jax.Array], jax.Array],
@@ -332,7 +405,9 @@ def trace_function(
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar`` (its Hessian H is analysed), or a
         curvature operator from :mod:`phipsimu.curvature` (e.g. ``gauss_newton``).
-      f: an elementwise JAX function of the eigenvalues (``jnp.log``, ``jnp.square``, …).
+      f: an elementwise JAX function of the eigenvalues (``jnp.log``, ``jnp.square``, …);
+        checked when built on a few test values: a reduction (``jnp.sum``) or a function
+        that mixes entries (``jnp.sort``) raises a ValueError.
       num_samples: probes m (>= 1; >= 2 for a standard error).
       num_iterations: Lanczos steps n per probe (HVPs per probe; capped at d).
       probes: ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``, or that sampler
@@ -351,6 +426,7 @@ def trace_function(
     """
     if not callable(f):
         raise TypeError(f"f={f!r}: must be a callable applied to the eigenvalues")
+    _check_elementwise(f)
 
     def finish(theta: jax.Array, tau: jax.Array, d: int) -> Estimate:
         return _measure.sample_mean(d * jnp.sum(tau * f(theta), axis=1))
@@ -368,6 +444,7 @@ def trace_function(
     )
 
 
+@_execution.cached_factory
 def log_determinant(
     loss_fn: _curvature.Curvature,
     *,
@@ -454,7 +531,9 @@ def log_determinant(
             | _diagnostics.flag(negative & ~singular, Status.NOT_POSITIVE_DEFINITE)
             | _diagnostics.flag(singular, Status.SINGULAR)
         )
-        return est._replace(value=value, stderr=stderr, log_value=value, status=status)
+        est = est._replace(value=value, stderr=stderr, log_value=value, status=status)
+        # a NaN product (a NaN loss) gives NaN Ritz values, which compare false everywhere
+        return _measure.nonfinite(est, ~jnp.all(jnp.isfinite(theta)))
 
     return _slq_estimator(
         loss_fn,
@@ -469,6 +548,7 @@ def log_determinant(
     )
 
 
+@_execution.cached_factory
 def spectral_density(
     loss_fn: _curvature.Curvature,
     *,

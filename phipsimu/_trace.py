@@ -34,14 +34,18 @@ _TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
 
 
 def _flatten(vs: list) -> jax.Array:
-    """A probe block as a ``(num, d)`` matrix (Hutch++/XTrace only: their QR needs it)."""
-    return jax.vmap(lambda *v: ravel_pytree(list(v))[0])(*vs)
+    """A probe block as a ``(num, d)`` matrix (Hutch++/XTrace only: their QR needs it), in at
+    least float32: there is no float16/bfloat16 QR or triangular solve, and 16-bit
+    orthonormalisation would lose the few digits these methods gain."""
+    mat = jax.vmap(lambda *v: ravel_pytree(list(v))[0])(*vs)
+    return mat.astype(jnp.promote_types(mat.dtype, jnp.float32))
 
 
 def _unflatten(mat: jax.Array, like: list) -> list:
-    """The rows of ``mat`` as a block shaped like ``like`` (leaves with a leading axis)."""
-    _, unravel = ravel_pytree([x[0] for x in like])
-    return jax.vmap(unravel)(mat)
+    """The rows of ``mat`` as a block shaped like ``like`` (leaves with a leading axis), cast
+    back to the dtypes of ``like``."""
+    flat, unravel = ravel_pytree([x[0] for x in like])
+    return jax.vmap(unravel)(mat.astype(flat.dtype))
 
 
 def _hutchinson(op: _curvature.Bound, vs: list, c: float) -> jax.Array:
@@ -119,6 +123,7 @@ def _xtrace(op: _curvature.Bound, vs: list) -> jax.Array:
     return (_xtrace_combine_jit if op.host else _xtrace_combine)(omega, q, r, z)
 
 
+@_execution.cached_factory
 def hessian_trace(
     loss_fn: _curvature.Curvature,
     *,
@@ -233,6 +238,7 @@ def hessian_trace(
 # ---------------------------------------------------------------- diagonal
 
 
+@_execution.cached_factory
 def hessian_diagonal(
     loss_fn: _curvature.Curvature,
     *,
@@ -319,11 +325,13 @@ def hessian_diagonal(
             bound = _curvature.bind(op, params, args, batches, perturbed, chunk_size, bar)
             eye = jnp.eye(d, dtype=_tree.float_dtype(params, perturbed))
             units = _unflatten(eye, [x[None] for x in bound.active])
-            diag = ravel_pytree(bound.active)[1](bound.quad(units))
+            forms = bound.quad(units)
+            diag = ravel_pytree(bound.active)[1](forms)
             bar.close()
             value = _tree.unsplit(params, perturbed, diag)
             dtype = _tree.float_dtype(params, perturbed)
-            return _measure.closed_form(value, jax.tree.map(jnp.log, value), dtype)
+            est = _measure.closed_form(value, jax.tree.map(jnp.log, value), dtype)
+            return _measure.nonfinite(est, ~jnp.all(jnp.isfinite(forms)))
         assert num_samples is not None  # checked when the estimator was built
         draw = _mu.rademacher(mask=mask).draw(key, params, num_samples)
         bar = _curvature.progress_bar(progress and batches is not None, 1, "diagonal")

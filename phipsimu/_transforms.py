@@ -144,6 +144,17 @@ def _check_updates(updates: PyTree, params: PyTree, perturbed: tuple[bool, ...])
             )
 
 
+def _check_state(state: Any, expected: type, transform: str) -> None:
+    """``state`` must be what this transform's ``init`` returned (inside ``optax.chain``,
+    ``inject_hyperparams`` or ``MultiSteps`` the wrappers pass it on unchanged)."""
+    if not isinstance(state, expected):
+        raise TypeError(
+            f"state: got {type(state).__name__} ({state!r:.200}); {transform}'s update expects "
+            f"the {expected.__name__} returned by its own init (tx.init(params)), not another "
+            "transformation's state"
+        )
+
+
 def _loss_fn(value_fn: Any, params: PyTree, has_aux: bool) -> Callable[[PyTree], jax.Array]:
     """``value_fn`` as a function returning the scalar loss (checked on shapes only)."""
     if value_fn is None:
@@ -360,6 +371,7 @@ def sharpness_aware(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
+        _check_state(state, SharpnessAwareState, "sharpness_aware")
         _check_params(params)
         perturbed = _perturbed(params, mask)
         _check_updates(updates, params, perturbed)
@@ -476,6 +488,7 @@ def sam(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
+        _check_state(state, SamState, "sam")
         _check_params(params)
         perturbed = _perturbed(params, mask)
         _check_updates(updates, params, perturbed)

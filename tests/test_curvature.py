@@ -226,3 +226,20 @@ def test_default_chunk_per_backend():
     assert curvature.default_chunk(256, per_probe, "tpu") == fit == 3
     assert curvature.default_chunk(256, 10 * curvature.ACCELERATOR_CHUNK_BYTES, "gpu") == 1
     assert curvature.default_chunk(256, 4, jax.default_backend()) >= 1
+
+
+@pytest.mark.parametrize(
+    "matvec, got",
+    [
+        (lambda p, v: {"a": v["a"][:2]}, r"\{'a': \(2,\)\}"),
+        (lambda p, v: jnp.concatenate([v["a"], v["a"]]), r"structure PyTreeDef\(\*\)"),
+    ],
+)
+def test_linear_operator_matvec_of_the_wrong_shape_is_named(matvec, got):
+    op = curvature.linear_operator(matvec)
+    params = {"a": jnp.ones(3)}
+    match = rf"matvec: .*expected structure .* leaf shapes \{{'a': \(3,\)\}}, got .*{got}"
+    with pytest.raises(ValueError, match=match):
+        op.matvec(params, params)
+    with pytest.raises(ValueError, match=match):
+        phipsimu.hessian_trace(op, num_matvecs=2)(params, key=jax.random.key(0))

@@ -299,6 +299,31 @@ def test_nan_loss_gives_nan_estimate():
         assert np.isnan(float(est.value))
 
 
+def _linear_least_squares_with_a_nan_target():
+    # the curvature of a model linear in its params never reads the targets
+    loss = lambda p, x, y: jnp.mean((x @ p - y) ** 2)  # noqa: E731
+    return loss, jnp.ones(3), jnp.eye(3), jnp.array([0.0, jnp.nan, 0.0])
+
+
+def test_nan_target_of_a_linear_model_is_flagged():
+    loss, params, x, y = _linear_least_squares_with_a_nan_target()
+    nonfinite = int(phipsimu.Status.NONFINITE_LOSS)
+    est = phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=2)(
+        params, x, y, key=jax.random.key(0)
+    )
+    assert np.isnan(float(est.value)) and int(est.status) & nonfinite
+    exact = phipsimu.exact_sharpness(loss, phipsimu.measures.trace())(params, x, y)
+    assert np.isnan(float(exact.value)) and int(exact.status) & nonfinite
+
+
+def test_exact_sharpness_flags_nan_params():
+    loss, params, x, _ = _linear_least_squares_with_a_nan_target()
+    for measure in [phipsimu.measures.trace(), phipsimu.measures.determinant()]:
+        est = phipsimu.exact_sharpness(loss, measure)(params.at[0].set(jnp.nan), x, jnp.zeros(3))
+        assert np.isnan(float(est.value))
+        assert est.reasons() == phipsimu.describe_status(phipsimu.Status.NONFINITE_LOSS)
+
+
 def test_sharpness_with_batches_applies_psi_to_full_data_forms():
     """ψ(t) = t² is nonlinear: the dataset measure is ψ of the pooled quadratic form, equal
     to the one-batch measure on the concatenated data, and not the mean of per-batch
@@ -387,3 +412,38 @@ class TestBadInput:
             phipsimu.exact_sharpness(
                 lambda p: jnp.sum(p**2), phipsimu.measures.trace(), max_dim=10
             )(jnp.ones(11))
+
+
+def test_estimator_built_inline_does_not_recompile():
+    """Building the estimator anew on every call (in a Python loop) reuses the first build's
+    compilation: the factories cache by configuration (counted by JAX's trace events)."""
+    params = {"w": jnp.ones(3)}
+    x = jnp.eye(3)
+    traces = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    def loss(p, x):
+        return jnp.mean((x @ p["w"]) ** 2)
+
+    builds = {
+        "sharpness": lambda: phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=2),
+        "trace": lambda: phipsimu.hessian_trace(loss, num_matvecs=2),
+        "lanczos": lambda: phipsimu.top_eigenvalues(loss, 1, num_iterations=2),
+    }
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for name, build in builds.items():
+            first = build()(params, x, key=jax.random.key(0))
+            traces.clear()
+            second = build()(params, x, key=jax.random.key(0))
+            assert not traces, f"{name}: {len(traces)} retrace(s) when built again"
+            np.testing.assert_array_equal(second.value, first.value)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # an unhashable argument (a dict mask) still builds, without the cache
+    mask = {"w": True}
+    est = phipsimu.hessian_trace(loss, num_matvecs=2, mask=mask)(params, x, key=jax.random.key(0))
+    assert int(est.status) == 0

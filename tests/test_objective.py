@@ -211,11 +211,28 @@ def test_nan_loss_gives_nan_objective():
     assert np.isnan(float(obj(jnp.ones(2), key=jax.random.key(0))))
 
 
+@pytest.mark.parametrize("measure", [phipsimu.measures.trace(), phipsimu.measures.frobenius()])
+def test_rho_zero_objective_is_the_loss(measure):
+    # rho = 0 (a warm-up schedule's start) was rejected; the term is now exactly 0 with no
+    # 2/rho^2, eagerly and with rho traced, for a scalar psi (one-pass rule) and a vector one
+    def objective(p, rho):
+        return phipsimu.sharpness_aware_loss(cubic_loss, measure, rho=rho, num_samples=4)(
+            p, key=jax.random.key(0)
+        )
+
+    x = jnp.array([0.3, -0.7, 0.2, 0.1])
+    for value, grad in [
+        jax.value_and_grad(objective)(x, 0.0),
+        jax.jit(jax.value_and_grad(objective))(x, jnp.float32(0.0)),
+    ]:
+        np.testing.assert_array_equal(value, cubic_loss(x))
+        np.testing.assert_array_equal(grad, jax.grad(cubic_loss)(x))
+
+
 class TestBadInput:
     @pytest.mark.parametrize(
         ("kwargs", "match"),
         [
-            ({"rho": 0.0}, "rho=0.0"),
             ({"rho": -1.0}, "rho=-1.0"),
             ({"num_samples": 0}, "num_samples=0"),
             ({"num_samples": 3, "antithetic": True}, "num_samples=3.*even"),

@@ -337,3 +337,36 @@ def test_damped_gauss_newton_with_a_large_norm_is_never_singular():
     assert int(est.status) == 0, est.reasons()
     assert np.isfinite(float(est.value))
     assert abs(float(est.value) - want) < 4 * float(est.stderr)
+
+
+def test_nan_loss_is_flagged_by_eigen_results_and_slq():
+    # a NaN target of a linear model: the curvature alone is finite, the loss is not
+    loss = lambda p, x, y: jnp.mean((x @ p - y) ** 2)  # noqa: E731
+    args = (jnp.ones(3), jnp.eye(3), jnp.array([0.0, jnp.nan, 0.0]))
+    key = jax.random.key(0)
+    nonfinite = phipsimu.describe_status(phipsimu.Status.NONFINITE_LOSS)
+    for eig in [
+        phipsimu.top_eigenvalues(loss, 1, num_iterations=3)(*args, key=key),
+        phipsimu.power_iteration(loss, num_iterations=2)(*args, key=key),
+    ]:
+        assert np.isnan(float(eig.value[0])) and not bool(eig.converged[0])
+        assert eig.reasons() == nonfinite and not bool(eig.ok)
+    est = phipsimu.log_determinant(loss, num_samples=2, num_iterations=3)(*args, key=key)
+    assert np.isnan(float(est.value)) and est.reasons() == nonfinite
+
+
+def test_eigen_result_status_is_zero_on_a_finite_loss():
+    loss = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * p**2)  # noqa: E731
+    eig = phipsimu.top_eigenvalues(loss, 1, num_iterations=3)(jnp.ones(3), key=jax.random.key(0))
+    assert eig.status.dtype == jnp.int32 and int(eig.status) == 0 and eig.reasons() == []
+
+
+@pytest.mark.parametrize("f", [jnp.sum, jnp.sort, jnp.cumsum, lambda x: x - jnp.mean(x)])
+def test_trace_function_rejects_a_non_elementwise_f(f):
+    with pytest.raises(ValueError, match=r"f=.*must act elementwise"):
+        phipsimu.trace_function(lambda p: jnp.sum(p**2), f, num_samples=2)
+
+
+@pytest.mark.parametrize("f", [jnp.log, jnp.square, jnp.exp, lambda x: jnp.where(x > 1, x, 0.0)])
+def test_trace_function_accepts_elementwise_f(f):
+    phipsimu.trace_function(lambda p: jnp.sum(p**2), f, num_samples=2)

@@ -205,3 +205,53 @@ def test_probes_are_named_or_given_as_samplers():
         phipsimu.hessian_trace(
             loss, num_matvecs=4, method="xtrace", probes=phipsimu.mu.rademacher()
         )
+
+
+@pytest.mark.parametrize("method, num_matvecs", [("hutch++", 6), ("xtrace", 4)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_rank_methods_take_16_bit_params(method, num_matvecs, dtype):
+    # The QR and the small dense algebra run in float32; the products stay 16-bit. Each
+    # product, probe and basis vector is rounded once to unit roundoff u (2^-8 bfloat16,
+    # 2^-11 float16) on a well-conditioned H, so the estimate moves by a few u: allow 4u.
+    c = jnp.arange(1.0, 7.0)
+    loss = lambda p: 0.5 * jnp.sum(c.astype(p.dtype) * p**2)  # noqa: E731
+    est = phipsimu.hessian_trace(loss, num_matvecs=num_matvecs, method=method)
+    key = jax.random.key(1)
+    ref = est(jnp.ones(6), key=key)
+    out = est(jnp.ones(6, dtype), key=key)
+    assert int(out.status) == 0
+    u = float(jnp.finfo(dtype).eps) / 2
+    np.testing.assert_allclose(float(out.value), float(ref.value), rtol=4 * u)
+
+
+def test_nan_target_of_a_linear_model_is_flagged():
+    # the curvature of a linear model never reads the targets: the loss itself must be checked
+    loss = lambda p, x, y: jnp.mean((x @ p - y) ** 2)  # noqa: E731
+    args = (jnp.ones(3), jnp.eye(3), jnp.array([0.0, jnp.nan, 0.0]))
+    ggn = curvature.gauss_newton(lambda p, x: x @ p, mse)
+    key = jax.random.key(0)
+    ests = [
+        phipsimu.hessian_trace(loss, num_matvecs=2)(*args, key=key),
+        phipsimu.hessian_trace(loss, num_matvecs=6, method="hutch++")(*args, key=key),
+        phipsimu.hessian_trace(loss, num_matvecs=4, method="xtrace")(*args, key=key),
+        phipsimu.hessian_trace(ggn, num_matvecs=2)(*args, key=key),
+        phipsimu.hessian_diagonal(loss, num_samples=2)(*args, key=key),
+        phipsimu.hessian_diagonal(loss, exact=True)(*args),
+    ]
+    for est in ests:
+        assert np.all(np.isnan(_flat(est.value)))
+        assert int(est.status) & int(phipsimu.Status.NONFINITE_LOSS)
+
+
+def test_hessian_diagonal_with_a_zero_size_leaf():
+    loss = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * p["a"] ** 2) + jnp.sum(p["b"])  # noqa: E731
+    params = {"a": jnp.ones(3), "b": jnp.zeros((0, 2))}
+    # a partial last chunk (3 probes in chunks of 2) and the exact path
+    for est in [
+        phipsimu.hessian_diagonal(loss, num_samples=3, chunk_size=2),
+        phipsimu.hessian_diagonal(loss, exact=True),
+    ]:
+        out = est(params, key=jax.random.key(0))
+        assert out.value["b"].shape == (0, 2) and out.stderr["b"].shape == (0, 2)
+        np.testing.assert_allclose(out.value["a"], [1.0, 2.0, 3.0], rtol=1e-6)
+        assert int(out.status) == 0

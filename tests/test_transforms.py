@@ -374,8 +374,10 @@ class TestBadInput:
             (lambda: phipsimu.sam(rho=0.1, eta=-1.0), "eta=-1.0"),
             (lambda: phipsimu.sam(rho=0.1, axis_name=3), "axis_name=3"),
             (
-                lambda: phipsimu.sharpness_aware(phipsimu.measures.trace(), rho=0.0, num_samples=2),
-                "rho=0.0",
+                lambda: phipsimu.sharpness_aware(
+                    phipsimu.measures.trace(), rho=-0.5, num_samples=2
+                ),
+                "rho=-0.5",
             ),
             (
                 lambda: phipsimu.sharpness_aware(phipsimu.measures.trace(), rho=0.1, num_samples=0),

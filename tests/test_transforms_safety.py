@@ -380,3 +380,40 @@ def test_errors_name_the_users_arguments():
         run(tx, PARAMS, quad)
     with pytest.raises(ValueError, match=r"^params: no leaf is perturbed"):
         phipsimu.mu.sphere().sample(jax.random.key(0), {"n": jnp.arange(3)}, 2)
+
+
+# ---------------------------------------------------------------- rho = 0 (warm-up), state
+
+
+@pytest.mark.parametrize("name", ["sharpness_aware", "frobenius_sam", "random_sam"])
+def test_rho_warm_up_from_zero_gives_the_plain_gradient(name):
+    factory, kwargs = FACTORIES[name]
+    if name == "sharpness_aware":
+        factory = phipsimu.sharpness_aware
+        kwargs = {"measure": phipsimu.measures.trace(), **kwargs}
+    kwargs = {**kwargs, "rho": optax.linear_schedule(0.0, 0.05, 10)}
+    tx = optax.inject_hyperparams(factory)(**kwargs)  # rejected at init before
+    grads = jax.grad(quad)(PARAMS)
+    updates, state = jax.jit(lambda s: tx.update(grads, s, PARAMS, value_fn=quad))(tx.init(PARAMS))
+    # rho traced as 0: the term is exactly 0 (no 2/rho^2), so the updates are the gradient
+    np.testing.assert_array_equal(flat(updates), flat(grads))
+    assert int(optax.tree.get(state, "nonfinite_count")) == 0
+    # a plain float rho = 0 is accepted as sam accepts it; a negative one is not
+    plain = factory(**{**kwargs, "rho": 0.0})
+    np.testing.assert_array_equal(flat(run(plain, PARAMS, quad)[0]), flat(grads))
+    with pytest.raises(ValueError, match=r"rho=-0.1: must be a finite number >= 0"):
+        factory(**{**kwargs, "rho": -0.1})
+
+
+@pytest.mark.parametrize("name", ["sam", "sharpness_aware"])
+def test_wrong_state_is_a_type_error_naming_state(name):
+    tx = make(name)
+    grads = jax.grad(quad)(PARAMS)
+    other = make("sharpness_aware" if name == "sam" else "sam").init(PARAMS)
+    for bad in [None, optax.EmptyState(), other]:
+        with pytest.raises(TypeError, match=rf"state: got {type(bad).__name__} .*own init"):
+            tx.update(grads, bad, PARAMS, value_fn=quad)
+    # the right state passes through chain, inject_hyperparams and MultiSteps, under jit
+    wrapped = optax.MultiSteps(optax.chain(make(name), optax.sgd(0.1)), every_k_schedule=2)
+    state = wrapped.init(PARAMS)
+    jax.jit(lambda s: wrapped.update(grads, s, PARAMS, value_fn=quad))(state)

@@ -9,10 +9,9 @@ tuple of bools, one per leaf of ``params``.
 
 from __future__ import annotations
 
-import collections
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -106,16 +106,21 @@ def matfree_quadratic():
     return a, loss, params, lambda v: hvp(params, v)
 
 
-# Compile-heavy unit tests (over 20 worker-seconds each on the 2-core machine in
+# Compile-heavy unit tests (about 10 worker-seconds or more each on the 2-core machine in
 # `pytest -n 2 --durations=0`): the first case of each stays in the fast suite, so every
 # guarantee is exercised there once, and the other cases run with `pytest -m slow`. A test
 # that is not parametrized is all slow. End-to-end checks carry `pytest.mark.slow` in their
 # own modules.
 HEAVY = {
+    "tests/test_baselines.py::test_nan_loss_with_the_determinant_is_skipped_or_nan",
+    "tests/test_cli.py::test_demo_rejects_bad_options",
     "tests/test_convention.py::test_every_estimator_takes_an_operator_and_batches",
+    "tests/test_curvature.py::test_gauss_newton_through_the_estimators",
     "tests/test_curvature.py::test_hvp_matches_dense_hessian",
     "tests/test_curvature.py::test_quadratic_forms_match_dense",
+    "tests/test_diagnostics.py::test_invariant_gaussian_flags_a_divergent_integral_on_a_relu_net",
     "tests/test_estimate.py::test_determinant_mc_matches_slogdet",
+    "tests/test_estimate.py::test_sharpness_with_batches_applies_psi_to_full_data_forms",
     "tests/test_invariance.py::TestBiasFreeSquareMLP::test_measures",
     "tests/test_invariance.py::test_property_layer_rescaling_of_random_square_nets",
     "tests/test_mu.py::test_sphere_property_any_pytree",
@@ -130,6 +135,7 @@ HEAVY = {
     "tests/test_objective_gradients.py::test_one_pass_rule_equals_grad_of_the_rematerialised_objective",
     "tests/test_precision.py::test_sampled_term_with_16_bit_params_matches_float32",
     "tests/test_retrace.py::test_second_eager_call_does_not_trace_again",
+    "tests/test_spectral.py::test_damped_gauss_newton_with_a_large_norm_is_never_singular",
     "tests/test_spectral.py::test_dataset_accumulation_with_unequal_batches_equals_full_batch",
     "tests/test_spectral.py::test_dataset_path_does_not_retrace_on_a_second_call",
     "tests/test_spectral.py::test_per_block_analysis_matches_dense_diagonal_blocks",

@@ -136,6 +136,15 @@ class Operator:
 Curvature = Union[Callable[..., jax.Array], Operator]  # noqa: UP007 (an alias pdoc can name)
 
 
+def _match_varying(tree: PyTree, like: PyTree) -> PyTree:
+    """``tree`` typed as varying along every ``shard_map`` axis some leaf of ``like`` varies
+    along (values unchanged; ``tree`` itself outside ``shard_map``'s checks)."""
+    axes = _parallel.union_axes(like)
+    if not axes:
+        return tree
+    return jax.tree_util.tree_map(lambda x: _parallel.vary_along(x, axes), tree)
+
+
 def as_operator(loss_fn: Any) -> Operator:
     """An estimator's first argument as an operator: an :class:`Operator` as it is, a loss
     function as its Hessian.
@@ -185,7 +194,11 @@ class Hessian(Operator):
                 value, dv = jax.jvp(f, (a,), (v,))
                 return dv, value
 
-            _, q, value = jax.jvp(directional, (active,), (v,), has_aux=True)
+            # the primal typed like the probes (under shard_map's checks, probes drawn per
+            # device vary where the params do not): JAX's derivative rules combine the two
+            # without the casts its array functions insert
+            primal = _match_varying(active, v)
+            _, q, value = jax.jvp(directional, (primal,), (v,), has_aux=True)
             return nan_unless_finite(value, q)
 
         return Restricted(matvec, quad)
@@ -301,13 +314,21 @@ class GaussNewton(Operator):
             return nan_unless_finite(value, vjp(hu)[0])
 
         def quad(v: list) -> jax.Array:
-            u = jvp(v)
+            if _parallel.union_axes(v) - _parallel.union_axes(active):
+                # probes that vary where the params do not (drawn per device under
+                # shard_map's checks) cannot enter the program linearised at the params:
+                # one jvp at the params typed like the probes instead
+                out, u = jax.jvp(
+                    lambda a: self.apply_fn(merge(a), x), (_match_varying(active, v),), (v,)
+                )
+            else:
+                out, u = outputs, jvp(v)
 
             def directional(o: PyTree) -> tuple[jax.Array, jax.Array]:
                 value, du = jax.jvp(ell, (o,), (u,))
                 return du, value
 
-            _, q, value = jax.jvp(directional, (outputs,), (u,), has_aux=True)
+            _, q, value = jax.jvp(directional, (out,), (u,), has_aux=True)
             return nan_unless_finite(value, q)
 
         return Restricted(matvec, quad)

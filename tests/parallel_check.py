@@ -276,15 +276,20 @@ def sample_sharded(sample_axis):
     ms = phipsimu.measures
     kw = {"rho": 0.05, "num_samples": 16, "sample_axis": sample_axis}
     # chunk_size=1: each device's block of 2 runs the chunked loop, with sample indices that
-    # vary across devices and captured values that do not (not yet for the estimators: their
-    # forward-mode forms, traced once and replayed under vmap, fail shard_map's checks there)
+    # vary across devices and captured values that do not
     txs = {
         "trace": phipsimu.sharpness_aware(ms.trace(), chunk_size=1, **kw),
         "frobenius": phipsimu.sharpness_aware(ms.frobenius(), adaptive=True, **kw),
         "random_sam antithetic": phipsimu.random_sam(antithetic=True, **kw),
     }
     obj = phipsimu.sharpness_aware_loss(loss, ms.frobenius(), chunk_size=1, **kw)
-    est = phipsimu.sharpness(loss, ms.frobenius(), num_samples=16, sample_axis=sample_axis)
+    est = phipsimu.sharpness(
+        loss, ms.frobenius(), num_samples=16, chunk_size=1, sample_axis=sample_axis
+    )
+    ggn = phipsimu.curvature.gauss_newton(model, conftest.mse)
+    est_ggn = phipsimu.sharpness(
+        ggn, ms.trace(), num_samples=16, chunk_size=1, sample_axis=sample_axis
+    )
 
     def run(params, states, x, y, key):
         out = {}
@@ -298,6 +303,8 @@ def sample_sharded(sample_axis):
         )
         e = est(params, x, y, key=key)
         out["sharpness"] = (e.value, e.stderr)
+        e = est_ggn(params, x, y, key=key)
+        out["sharpness gauss_newton"] = (e.value, e.stderr)
         return out
 
     return run, txs

@@ -130,6 +130,7 @@ def test_samples_sharded_over_8_devices_match_one_device(eight_devices):
         for name in ("trace", "frobenius", "random_sam antithetic", "sharpness_aware_loss"):
             assert f"ok samples {name} {mode}" in eight_devices
         assert f"ok samples sharpness {mode}" in eight_devices
+        assert f"ok samples sharpness gauss_newton {mode}" in eight_devices
     assert "ok samples: num_samples not divisible is a clear error" in eight_devices
 
 

@@ -86,6 +86,22 @@ class Measure:
         """Whether the reduction runs in log space."""
         return self.log_psi is not None
 
+    def is_linear(self) -> bool:
+        """Whether ``φ(mean ψ(t))`` is affine in the curvatures t (the trace): then the eq. 10
+        step's weights do not depend on the finite-difference curvatures, and their rounding
+        cannot move the update. Checked numerically on a few points (a vector ψ, an unbiased
+        φ or a log-space reduction is never linear)."""
+        if self.log_space or self.phi_unbiased is not None:
+            return False
+        # concrete even when a transform is built inside jit (optax.inject_hyperparams)
+        with jax.ensure_compile_time_eval():
+            t = jnp.array([0.5, 2.0, 7.0], jnp.float32)
+            if jax.eval_shape(self.psi, t[0]).shape != ():
+                return False
+            curv_psi = jax.vmap(jax.grad(jax.grad(lambda u: jnp.asarray(self.psi(u)))))(t)
+            curv_phi = jax.vmap(jax.grad(jax.grad(lambda u: jnp.asarray(self.apply_phi(u, 1)))))(t)
+            return bool(jnp.all(curv_psi == 0.0) & jnp.all(curv_phi == 0.0))
+
     def apply_phi(self, t: Any, d: int) -> jax.Array:
         """φ(t), passing d when φ needs it."""
         return self.phi(t, d) if self.phi_uses_dim else self.phi(t)

@@ -88,6 +88,12 @@ class SharpnessAwareState(NamedTuple):
       sharpness_term: last step's ``s·ρ²·φ(…)``, the term whose gradient was added.
       nonfinite_count: int32, steps so far whose sharpness term or gradient was not finite
         (with ``skip_nonfinite=True`` they returned the incoming updates).
+      unresolved_count: int32, steps so far whose finite-difference curvatures
+        ``2(L(x + ρv_i) − L(x))/ρ²`` were not resolved by the losses' precision (some
+        difference within 100 roundoffs of the losses, so more than 1% rounding error) while
+        the measure is nonlinear, so the update's weights were rounding noise. Use a larger
+        ``rho`` (or float64). Never counted for the trace measure (``random_sam``), whose
+        weights do not depend on the curvatures.
     """
 
     rng_key: jax.Array
@@ -95,6 +101,7 @@ class SharpnessAwareState(NamedTuple):
     perturbed_losses: jax.Array
     sharpness_term: jax.Array
     nonfinite_count: jax.Array
+    unresolved_count: jax.Array
 
 
 # ---------------------------------------------------------------- checks
@@ -352,6 +359,7 @@ def sharpness_aware(
         else _checks.integer("num_samples", num_samples, lo=1)
     )
     term = None if static_n is None else build(static_n)
+    linear = measure.is_linear()
 
     def init_fn(params: PyTree) -> SharpnessAwareState:
         if static_n is None:
@@ -367,6 +375,7 @@ def sharpness_aware(
             perturbed_losses=jnp.zeros((static_n,), dtype),
             sharpness_term=zero,
             nonfinite_count=jnp.zeros((), jnp.int32),
+            unresolved_count=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -436,9 +445,26 @@ def sharpness_aware(
             perturbed_losses=losses.astype(dtype),
             sharpness_term=value.astype(dtype),
             nonfinite_count=_count(state.nonfinite_count, ok),
+            unresolved_count=state.unresolved_count
+            + (0 if linear else _unresolved(losses, base, antithetic).astype(jnp.int32)),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _unresolved(losses: jax.Array, base: jax.Array, antithetic: bool) -> jax.Array:
+    """Whether some finite difference of the perturbed losses is within 100 roundoffs of the
+    losses themselves (its relative rounding error above 1%): the curvature it gives is noise.
+    ``losses`` as the term returns them (``+ρv_i`` then ``−ρv_i`` with ``antithetic``)."""
+    eps = jnp.finfo(losses.dtype).eps
+    if antithetic:
+        plus, minus = jnp.split(losses, 2)
+        diff = plus + minus - 2.0 * base
+        size = jnp.abs(plus) + jnp.abs(minus) + 2.0 * jnp.abs(base)
+    else:
+        diff = losses - base
+        size = jnp.abs(losses) + jnp.abs(base)
+    return jnp.any(jnp.abs(diff) <= 100.0 * eps * size)
 
 
 def sam(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -232,8 +233,10 @@ def eager_jit(fn: Callable) -> Callable:
     return call
 
 
-#: Estimators kept per factory by :func:`cached_factory` (least recently used dropped).
-FACTORY_CACHE_SIZE = 64
+#: Estimators kept per factory by :func:`cached_factory` (least recently used dropped). Each
+#: keeps its arguments alive (the loss function and what it captures) and its compiled
+#: programs, so the cache stays small.
+FACTORY_CACHE_SIZE = 8
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -246,8 +249,11 @@ def cached_factory(factory: _F) -> _F:
     The key is the arguments with their types (``4`` and ``4.0`` differ); operators, measures
     and samplers are frozen dataclasses that compare by value, functions by identity. When
     an argument is not hashable (a dict mask, an array) the factory simply runs. At most
-    :data:`FACTORY_CACHE_SIZE` estimators are kept per factory."""
+    :data:`FACTORY_CACHE_SIZE` estimators are kept per factory, with the arguments they hold
+    (a loss built as a new closure on every call never hits the cache, and at most that many
+    of them stay alive)."""
     cache: collections.OrderedDict = collections.OrderedDict()
+    lock = threading.Lock()
 
     @functools.wraps(factory)
     def build(*args: Any, **kwargs: Any) -> Any:
@@ -256,16 +262,19 @@ def cached_factory(factory: _F) -> _F:
             tuple((k, type(v), v) for k, v in sorted(kwargs.items())),
         )
         try:
-            hit = cache.get(key)
+            hash(key)
         except TypeError:  # an unhashable argument
             return factory(*args, **kwargs)
-        if hit is not None:
-            cache.move_to_end(key)
-            return hit
+        with lock:
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+                return hit
         out = factory(*args, **kwargs)
-        cache[key] = out
-        if len(cache) > FACTORY_CACHE_SIZE:
-            cache.popitem(last=False)
+        with lock:
+            cache[key] = out
+            if len(cache) > FACTORY_CACHE_SIZE:
+                cache.popitem(last=False)
         return out
 
     return cast(_F, build)

@@ -322,6 +322,7 @@ def probe_name(probes: Any, allowed: tuple[str, ...] = PROBES) -> str:
       ValueError: an unknown name or sampler, or a sampler with a mask.
     """
     kinds = {Rademacher: "rademacher", Gaussian: "gaussian", Sphere: "sphere"}
+    given = probes
     if isinstance(probes, Sampler):
         name = kinds.get(type(probes))
         if name is None or (isinstance(probes, Gaussian) and probes.stddev != 1.0):
@@ -336,7 +337,7 @@ def probe_name(probes: Any, allowed: tuple[str, ...] = PROBES) -> str:
             )
         probes = name
     if probes not in allowed:
-        raise ValueError(f"probes={probes!r}: must be one of {allowed} (or its sampler)")
+        raise ValueError(f"probes={given!r}: must be one of {allowed} (or its sampler)")
     return str(probes)
 
 

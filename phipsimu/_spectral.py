@@ -353,11 +353,13 @@ def _check_elementwise(f: Callable[[jax.Array], jax.Array]) -> None:
     keeps the shape of a (2, 4) array, commutes with a permutation and gives the same values
     on a prefix (``jnp.sum``, ``jnp.sort``, ``jnp.cumsum``, ``x - x.mean()`` fail). Ten scalar
     evaluations, once, when built."""
-    x = jnp.array([0.5, 1.0, 2.0, 3.0], jnp.float32)
-    perm = jnp.array([2, 0, 3, 1])
+    x = np.array([0.5, 1.0, 2.0, 3.0], np.float32)
+    perm = np.array([2, 0, 3, 1])
     try:
         shape = jax.eval_shape(f, jax.ShapeDtypeStruct((2, 4), jnp.float32)).shape
-        fx, fpx, head = (np.asarray(f(y)) for y in (x, x[perm], x[:2]))
+        # concrete even when the estimator is built inside jit
+        with jax.ensure_compile_time_eval():
+            fx, fpx, head = (np.asarray(f(jnp.asarray(y))) for y in (x, x[perm], x[:2]))
     except Exception as err:
         raise ValueError(
             f"f={f!r}: must be an elementwise JAX function of an array of eigenvalues "
@@ -519,7 +521,7 @@ def log_determinant(
         shifted = rounded + damping
         low = jnp.min(shifted)
         negative = low < 0.0
-        singular = (low == 0.0) | (jnp.abs(low) <= tol) & (jnp.min(rounded) < 0.0)
+        singular = (low == 0.0) | ((jnp.abs(low) <= tol) & (jnp.min(rounded) < 0.0))
         ok = ~negative & ~singular
         per_probe = d * jnp.sum(tau * jnp.log(jnp.where(shifted > 0.0, shifted, 1.0)), axis=1)
         est = _measure.sample_mean(per_probe)

@@ -446,16 +446,17 @@ def sharpness_aware(
             sharpness_term=value.astype(dtype),
             nonfinite_count=_count(state.nonfinite_count, ok),
             unresolved_count=state.unresolved_count
-            + (0 if linear else _unresolved(losses, base, antithetic).astype(jnp.int32)),
+            + (0 if linear else _unresolved(losses, base, antithetic, rho).astype(jnp.int32)),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _unresolved(losses: jax.Array, base: jax.Array, antithetic: bool) -> jax.Array:
+def _unresolved(losses: jax.Array, base: jax.Array, antithetic: bool, rho: Any) -> jax.Array:
     """Whether some finite difference of the perturbed losses is within 100 roundoffs of the
     losses themselves (its relative rounding error above 1%): the curvature it gives is noise.
-    ``losses`` as the term returns them (``+ρv_i`` then ``−ρv_i`` with ``antithetic``)."""
+    ``losses`` as the term returns them (``+ρv_i`` then ``−ρv_i`` with ``antithetic``). Never
+    at ρ = 0, where the term is defined as 0 (a warm-up from 0)."""
     eps = jnp.finfo(losses.dtype).eps
     if antithetic:
         plus, minus = jnp.split(losses, 2)
@@ -464,7 +465,7 @@ def _unresolved(losses: jax.Array, base: jax.Array, antithetic: bool) -> jax.Arr
     else:
         diff = losses - base
         size = jnp.abs(losses) + jnp.abs(base)
-    return jnp.any(jnp.abs(diff) <= 100.0 * eps * size)
+    return jnp.any(jnp.abs(diff) <= 100.0 * eps * size) & (rho != 0)
 
 
 def sam(

@@ -209,3 +209,17 @@ def test_tiny_rho_update_is_accurate_or_flagged(name):
             assert flagged == 1 or err < 1e-4, (rho, err, flagged)
         if rho == 1e-8 and name != "trace":
             assert err > 1e-2 and flagged == 1, (rho, err)  # the case the flag exists for
+
+
+def test_rho_zero_is_not_counted_as_unresolved():
+    """ρ = 0 (a warm-up from 0) defines the term as 0: its equal losses are no rounding."""
+    params = init_mlp(jax.random.key(0), [3, 4, 2])
+    x = jax.random.normal(jax.random.key(1), (16, 3))
+    y = jax.random.normal(jax.random.key(2), (16, 2))
+    tx = phipsimu.sharpness_aware(phipsimu.measures.eigen_moment(2), rho=0.0, num_samples=4)
+
+    def value_fn(p):
+        return mlp_loss(p, x, y)
+
+    _, state = tx.update(jax.grad(value_fn)(params), tx.init(params), params, value_fn=value_fn)
+    assert int(state.unresolved_count) == 0

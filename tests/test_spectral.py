@@ -370,3 +370,15 @@ def test_trace_function_rejects_a_non_elementwise_f(f):
 @pytest.mark.parametrize("f", [jnp.log, jnp.square, jnp.exp, lambda x: jnp.where(x > 1, x, 0.0)])
 def test_trace_function_accepts_elementwise_f(f):
     phipsimu.trace_function(lambda p: jnp.sum(p**2), f, num_samples=2)
+
+
+def test_trace_function_built_inside_jit():
+    """f's elementwise check runs on concrete test values even under a jit trace."""
+    loss = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * p**2)  # noqa: E731
+
+    @jax.jit
+    def run(p):
+        fn = phipsimu.trace_function(loss, jnp.log1p, num_samples=2, num_iterations=3)
+        return fn(p, key=jax.random.key(0)).value
+
+    np.testing.assert_allclose(run(jnp.ones(3)), np.sum(np.log1p([1.0, 2.0, 3.0])), rtol=1e-4)

@@ -246,9 +246,10 @@ def cached_factory(factory: _F) -> _F:
     built inline on every call (``phipsimu.sharpness(loss, measure, num_samples=8)(params,
     key=k)`` in a loop) reuses its jitted program instead of compiling again.
 
-    The key is the arguments with their types (``4`` and ``4.0`` differ); operators, measures
+    The key is the arguments' leaves with their types (``4`` and ``4.0`` differ, and so do
+    ``(True, False)`` and ``(1, 0)``); operators, measures
     and samplers are frozen dataclasses that compare by value, functions by identity. When
-    an argument is not hashable (a dict mask, an array) the factory simply runs. At most
+    a leaf is not hashable (an array) the factory simply runs. At most
     :data:`FACTORY_CACHE_SIZE` estimators are kept per factory, with the arguments they hold
     (a loss built as a new closure on every call never hits the cache, and at most that many
     of them stay alive)."""
@@ -257,10 +258,10 @@ def cached_factory(factory: _F) -> _F:
 
     @functools.wraps(factory)
     def build(*args: Any, **kwargs: Any) -> Any:
-        key = (
-            tuple((type(a), a) for a in args),
-            tuple((k, type(v), v) for k, v in sorted(kwargs.items())),
-        )
+        # every leaf with its type, so containers that compare equal across types
+        # (mask=(True, False) and (1, 0)) do not share an entry
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        key = (treedef, tuple((type(x), x) for x in leaves))
         try:
             hash(key)
         except TypeError:  # an unhashable argument

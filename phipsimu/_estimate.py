@@ -132,8 +132,7 @@ def sharpness(
     _checks.integer("check_iterations", check_iterations, lo=0)
     _parallel.check_axis_name("sample_axis", sample_axis)
     eta = float(eta)
-    check = (measure.requires_positive_definite or measure.may_diverge) and check_iterations > 0
-    auto_scale = isinstance(measure.mu, _mu.Lebesgue) and measure.mu.scale is None
+    check = measure.needs_certificate and check_iterations > 0
 
     def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> Estimate:
         _checks.check_key(key)
@@ -151,11 +150,11 @@ def sharpness(
             n = min(check_iterations, d)
             start = _mu.gaussian(mask=sampler.mask).draw(jax.random.fold_in(key, 1), params, 1)
             theta, tol = _krylov.ritz_certificate(measured, start.active(), n, dtype)
-        scale: Any = sampler.scale if isinstance(sampler, _mu.Lebesgue) else None
-        if auto_scale and check:
-            # s² = 1/θ_min: twice the 1/(2λ_min) below which the weights have infinite
-            # variance when θ_min = λ_min (n >= d); the Lebesgue draw is made at scale 1.
-            scale = jnp.where(theta[0] > tol, theta[0], 1.0) ** -0.5
+        # the measure's own proposal scale, tuned from the check when it asks for one
+        scale: Any = None
+        rescale = False
+        if check:
+            scale, rescale = measure.proposal_scale(theta, tol)
         indices = jnp.arange(num_samples)
         if sample_axis is not None:
             size, begin = _parallel.sample_block(
@@ -167,7 +166,7 @@ def sharpness(
             # probe i from key alone: drawn inside the chunk loop, so memory holds one chunk
             draw = sampler.draw_at(key, params, i[None], adaptive=adaptive)
             v, log_w = draw.v, draw.log_weight[0]
-            if auto_scale and check:
+            if rescale:
                 v = _tree.scale(scale, v)
                 log_w = log_w + d * jnp.log(scale)
             if adaptive:
@@ -186,56 +185,9 @@ def sharpness(
             # T_x H T_x is singular wherever a perturbed coordinate is 0, whatever H is
             x = _tree.active(params, perturbed)
             singular = singular | jnp.any(jnp.stack([jnp.any(xi == 0) for xi in x]))
-        if measure.requires_positive_definite:
-            est = _certify_definite(est, theta[0] < -tol, singular)
-            if scale is not None:
-                # ∫(ψ dμ/dq)² dq < ∞ iff H − I/(2s²) is positive definite; θ_min >= λ_min
-                infinite = 2.0 * jnp.asarray(scale, dtype) ** 2 * theta[0] <= 1.0
-                flag = _diagnostics.flag(infinite & (theta[0] > tol), Status.INFINITE_VARIANCE)
-                est = est._replace(status=est.status | flag)
-            return est
-        groups = _num_groups(measure.mu, params, perturbed)
-        return _certify_finite(est, theta, tol, singular, groups)
-
-    def _certify_definite(est, indefinite, singular):
-        nan = jnp.full_like(est.value, jnp.nan)
-        value = jnp.where(indefinite, nan, jnp.where(singular, 0.0, est.value))
-        log_value = jnp.where(indefinite, nan, jnp.where(singular, -jnp.inf, est.log_value))
-        stderr = jnp.where(indefinite, nan, jnp.where(singular, 0.0, est.stderr))
-        status = (
-            est.status
-            | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
-            | _diagnostics.flag(singular & ~indefinite, Status.SINGULAR | Status.DIVERGENT)
-        )
-        return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
+        return measure.certify(est, theta, tol, singular, params=params, scale=scale)
 
     return _execution.eager_jit(estimate)
-
-
-def _certify_finite(
-    est: Estimate, theta: jax.Array, tol: Any, singular: jax.Array, groups: int
-) -> Estimate:
-    """Status and value of a product-density measure from the ascending eigenvalues or Ritz
-    values θ of the measured operator (docs/conventions.md, section "Product-density
-    integrals")."""
-    # Product densities (Theorem 1): finite when H is positive definite (f <= 1). With
-    # more than G negative eigenvalues (G groups), every principal submatrix left after
-    # zeroing one coordinate per group is indefinite (Cauchy interlacing), f = 1 on that
-    # subspace and the integral is infinite: S = 0. θ_{G+1} < −tol proves it.
-    indefinite = theta[0] < -tol
-    divergent = theta[groups] < -tol if theta.shape[0] > groups else jnp.zeros((), bool)
-    unverified = indefinite | singular
-    value = jnp.where(divergent, 0.0, est.value)
-    log_value = jnp.where(divergent, -jnp.inf, est.log_value)
-    stderr = jnp.where(divergent, 0.0, est.stderr)
-    status = (
-        est.status
-        | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
-        | _diagnostics.flag(singular, Status.SINGULAR)
-        | _diagnostics.flag(divergent, Status.DIVERGENT)
-        | _diagnostics.flag(unverified & ~divergent, Status.NOT_VERIFIED_FINITE)
-    )
-    return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
 
 
 @_execution.cached_factory
@@ -336,13 +288,7 @@ def exact_sharpness(
         if measure.may_diverge:
             eigs = jnp.linalg.eigvalsh(h).astype(est.value.dtype)
             tol = d * jnp.finfo(eigs.dtype).eps * jnp.max(jnp.abs(eigs))
-            groups = _num_groups(measure.mu, params, perturbed)
-            est = _certify_finite(est, eigs, tol, jnp.abs(eigs[0]) <= tol, groups)
+            est = measure.certify(est, eigs, tol, jnp.abs(eigs[0]) <= tol, params=params)
         return _measure.nonfinite(est, nonfinite)
 
     return _execution.eager_jit(evaluate)
-
-
-def _num_groups(mu: Any, params: PyTree, perturbed: Any) -> int:
-    """Number of product groups of a product-density sampler (the only divergent kind)."""
-    return len(mu.group_index(params, perturbed)[1])

@@ -86,6 +86,61 @@ class Measure:
         """Whether the reduction runs in log space."""
         return self.log_psi is not None
 
+    @property
+    def needs_certificate(self) -> bool:
+        """Whether the integral can fail for some curvature (a determinant needs H positive
+        definite; a product density may diverge): estimators then run a short Lanczos check
+        on the measured operator and pass its Ritz values to :meth:`certify`."""
+        return self.requires_positive_definite or self.may_diverge
+
+    def proposal_scale(self, theta: jax.Array, tol: Any) -> tuple[Any, bool]:
+        """``(scale, tuned)``: the Lebesgue proposal's scale, with ``tuned`` when it is set
+        here from the ascending Ritz values θ of the check (``scale=None``): s² = 1/θ_min,
+        twice the 1/(2λ_min) below which the weights have infinite variance when
+        θ_min = λ_min (the draw is then made at scale 1 and rescaled). ``(None, False)`` for
+        other samplers."""
+        if not isinstance(self.mu, _mu.Lebesgue):
+            return None, False
+        if self.mu.scale is not None:
+            return self.mu.scale, False
+        return jnp.where(theta[0] > tol, theta[0], 1.0) ** -0.5, True
+
+    def certify(
+        self,
+        est: Estimate,
+        theta: jax.Array,
+        tol: Any,
+        singular: jax.Array,
+        *,
+        params: Any,
+        scale: Any = None,
+    ) -> Estimate:
+        """``est`` judged by the measure's own failure modes, from the ascending eigenvalues
+        or Ritz values θ of the measured operator (within ``tol`` of 0: rounding), whether it
+        is ``singular``, and the proposal ``scale`` (docs/conventions.md, "Diagnostics").
+
+        * A determinant (``requires_positive_definite``): NaN when H is indefinite, 0 / −inf
+          with ``SINGULAR | DIVERGENT`` when singular, ``INFINITE_VARIANCE`` when the
+          Lebesgue proposal is too narrow for the smallest eigenvalue.
+        * A product density (``may_diverge``): 0 / −inf with ``DIVERGENT`` when H has more
+          negative eigenvalues than the sampler has groups, ``NOT_VERIFIED_FINITE`` when it
+          is indefinite or singular without that proof.
+        * Any other measure: ``est`` as it is.
+        """
+        if self.requires_positive_definite:
+            est = _certify_definite(est, theta[0] < -tol, singular)
+            if scale is None:
+                return est
+            # ∫(ψ dμ/dq)² dq < ∞ iff H − I/(2s²) is positive definite; θ_min >= λ_min
+            infinite = 2.0 * jnp.asarray(scale, theta.dtype) ** 2 * theta[0] <= 1.0
+            flag = _diagnostics.flag(infinite & (theta[0] > tol), Status.INFINITE_VARIANCE)
+            return est._replace(status=est.status | flag)
+        if self.may_diverge:
+            mu: Any = self.mu  # a product density: the only sampler with groups
+            groups = len(mu.group_index(params, mu.perturbed(params))[1])
+            return _certify_finite(est, theta, tol, singular, groups)
+        return est
+
     def is_linear(self) -> bool:
         """Whether ``φ(mean ψ(t))`` is affine in the curvatures t (the trace): then the eq. 10
         step's weights do not depend on the finite-difference curvatures, and their rounding
@@ -632,3 +687,43 @@ def invariant_gaussian(
         may_diverge=True,
         name="invariant_gaussian",
     )
+
+
+def _certify_definite(est: Estimate, indefinite: jax.Array, singular: jax.Array) -> Estimate:
+    """A determinant-type estimate: NaN where H is indefinite, 0 / −inf where singular."""
+    nan = jnp.full_like(est.value, jnp.nan)
+    value = jnp.where(indefinite, nan, jnp.where(singular, 0.0, est.value))
+    log_value = jnp.where(indefinite, nan, jnp.where(singular, -jnp.inf, est.log_value))
+    stderr = jnp.where(indefinite, nan, jnp.where(singular, 0.0, est.stderr))
+    status = (
+        est.status
+        | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
+        | _diagnostics.flag(singular & ~indefinite, Status.SINGULAR | Status.DIVERGENT)
+    )
+    return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)
+
+
+def _certify_finite(
+    est: Estimate, theta: jax.Array, tol: Any, singular: jax.Array, groups: int
+) -> Estimate:
+    """Status and value of a product-density measure from the ascending eigenvalues or Ritz
+    values θ of the measured operator (docs/conventions.md, section "Product-density
+    integrals")."""
+    # Product densities (Theorem 1): finite when H is positive definite (f <= 1). With
+    # more than G negative eigenvalues (G groups), every principal submatrix left after
+    # zeroing one coordinate per group is indefinite (Cauchy interlacing), f = 1 on that
+    # subspace and the integral is infinite: S = 0. θ_{G+1} < −tol proves it.
+    indefinite = theta[0] < -tol
+    divergent = theta[groups] < -tol if theta.shape[0] > groups else jnp.zeros((), bool)
+    unverified = indefinite | singular
+    value = jnp.where(divergent, 0.0, est.value)
+    log_value = jnp.where(divergent, -jnp.inf, est.log_value)
+    stderr = jnp.where(divergent, 0.0, est.stderr)
+    status = (
+        est.status
+        | _diagnostics.flag(indefinite, Status.NOT_POSITIVE_DEFINITE)
+        | _diagnostics.flag(singular, Status.SINGULAR)
+        | _diagnostics.flag(divergent, Status.DIVERGENT)
+        | _diagnostics.flag(unverified & ~divergent, Status.NOT_VERIFIED_FINITE)
+    )
+    return est._replace(value=value, stderr=stderr, log_value=log_value, status=status)

@@ -109,6 +109,7 @@ def test_determinant_objective_on_example1_manifold():
         phipsimu.Measure(jnp.log, jnp.exp, phipsimu.mu.gaussian(stddev=0.5)),
     ],
 )
+@pytest.mark.slow  # every case: the fast suite's budget (CONTRIBUTING.md)
 def test_gradient_is_the_universal_sam_update(measure):
     params = init_mlp(jax.random.key(0), [3, 4, 2])
     x = jax.random.normal(jax.random.key(1), (6, 3))

@@ -151,6 +151,7 @@ HAND_WRITTEN = {
 }
 
 
+@pytest.mark.slow  # every case: the fast suite's budget (CONTRIBUTING.md)
 @pytest.mark.parametrize("name", list(HAND_WRITTEN))
 def test_adaptive_gradient_flows_through_the_metric(name):
     measure, phi, psi = HAND_WRITTEN[name]

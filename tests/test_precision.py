@@ -112,6 +112,7 @@ SAMPLED = {
 }
 
 
+@pytest.mark.slow  # every case: the fast suite's budget (CONTRIBUTING.md)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("name", list(SAMPLED))
 def test_sampled_term_with_16_bit_params_matches_float32(name, dtype):
@@ -152,6 +153,7 @@ TINY_RHO_MEASURES = {
 }
 
 
+@pytest.mark.slow  # every case: the fast suite's budget (CONTRIBUTING.md)
 @pytest.mark.parametrize("name", list(TINY_RHO_MEASURES))
 def test_tiny_rho_update_is_accurate_or_flagged(name):
     """float32 params at ρ = 1e-1 … 1e-8 against the eq. 10 update written out in float64 with

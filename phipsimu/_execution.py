@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,6 +56,43 @@ def default_chunk(num: int, probe_bytes: int, backend: str | None = None) -> int
     if backend == "cpu":
         return DEFAULT_CHUNK
     return max(1, min(num, ACCELERATOR_CHUNK_BYTES // max(1, 8 * probe_bytes)))
+
+
+#: The most samples :func:`unroll_for` runs as straight-line code. Each one is a copy of the
+#: per-sample program, so compile time grows with it.
+UNROLL_MAX = 16
+
+#: Primitives that XLA:CPU runs an order of magnitude slower batched over samples (a ``vmap``
+#: of a convolution over perturbed kernels becomes a grouped convolution) or inside a loop
+#: than as one plain call per sample (``python -m benchmarks --only strategy``).
+UNROLL_PRIMITIVES = frozenset({"conv_general_dilated"})
+
+#: Set by benchmarks and tests to compare strategies: "unroll", "loop" or None (the policy).
+_FORCE: str | None = None
+
+
+def unroll_for(num: int, program: Callable[[], Any] | None = None) -> bool:
+    """Whether ``num`` samples run as straight-line code, one at a time, rather than in
+    ``vmap`` chunks inside a loop: on CPU, when ``num <= UNROLL_MAX`` and the per-sample
+    program (``program()`` returns its jaxpr, traced only when needed) holds one of
+    :data:`UNROLL_PRIMITIVES`. Elsewhere the loop wins: on an MLP and a transformer a
+    ``vmap`` chunk shares work between samples that straight-line code repeats, and on
+    accelerators one kernel over many samples is what they are fast at."""
+    if _FORCE is not None:
+        return _FORCE == "unroll"
+    if not 0 < num <= UNROLL_MAX or jax.default_backend() != "cpu" or program is None:
+        return False
+    return bool(primitives(program()) & UNROLL_PRIMITIVES)
+
+
+def primitives(jaxpr: Any) -> set[str]:
+    """Names of the primitives in ``jaxpr`` (a ``Jaxpr`` or ``ClosedJaxpr``) and in every
+    program nested in its equations (``jit``, ``scan``, ``cond``, custom rules)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    names = {eqn.primitive.name for eqn in jaxpr.eqns}
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        names |= primitives(sub)
+    return names
 
 
 def leaf_bytes(leaves: list) -> int:
@@ -109,7 +147,7 @@ def lift(fn: Callable[..., Any], *example: Any) -> Lifted:
 # ---------------------------------------------------------------- loops over samples
 
 
-def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
+def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None, unroll: bool | None = None) -> Any:
     """Apply ``fn`` to every sample of ``v``: ``vmap`` when ``chunk_size`` is None, else a
     chunked ``lax.map`` that holds ``chunk_size`` samples in memory at a time.
 
@@ -120,6 +158,13 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
     probe rows of ``python -m benchmarks --only cost`` show the cost; the CHANGELOG gives the
     figures before and after). Every value leaves the barrier with the type it had (see
     :func:`_fence`), so the traced ``fn`` also runs inside ``jax.shard_map``'s checks."""
+    leaves = jax.tree_util.tree_leaves(v)
+    num = leaves[0].shape[0] if leaves else 0
+    if unroll is None:
+        unroll = unroll_for(num, lambda: jax.make_jaxpr(fn)(jax.tree_util.tree_map(_first, v)))
+    if unroll and num:
+        outs = [fn(jax.tree_util.tree_map(lambda a, j=j: a[j], v)) for j in range(num)]
+        return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
     if chunk_size is None:
         return jax.vmap(fn)(v)
     lifted = lift(fn, jax.tree_util.tree_map(_first, v))
@@ -130,8 +175,6 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None) -> Any:
     # outputs without elements (a zero-size parameter leaf) stay out of the loop: they hold
     # no data, and lax.map cannot reshape them back when a partial chunk remains
     empty = [o.size == 0 for o in out_leaves]
-    leaves = jax.tree_util.tree_leaves(v)
-    num = leaves[0].shape[0] if leaves else 0
     # one loop-varying counter per sample, for the barriers that hold no sample (_fence)
     counter = jnp.arange(num) if leaves else None
 
@@ -186,10 +229,21 @@ def _is_key(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
 
 
-def fold(block: Callable, carry: Any, indices: jax.Array, chunk: int | None) -> tuple:
+def fold(
+    block: Callable, carry: Any, indices: jax.Array, chunk: int | None, unroll: bool | None = None
+) -> tuple:
     """``block(carry, idx) -> (carry, ys)`` over ``indices`` in chunks of ``chunk`` (all at
-    once when None), the ys concatenated in order."""
+    once when None), the ys concatenated in order; with ``unroll``, one index at a time in
+    straight-line code (no loop)."""
     n = indices.shape[0]
+    if unroll is None:
+        unroll = unroll_for(n, lambda: jax.make_jaxpr(block)(carry, indices[:1]))
+    if unroll and n:
+        parts = []
+        for j in range(n):
+            carry, ys = block(carry, indices[j : j + 1])
+            parts.append(ys)
+        return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
     if chunk is None:
         return block(carry, indices)
     full = n // chunk * chunk

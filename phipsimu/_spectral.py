@@ -305,7 +305,9 @@ def _slq(
             a, b = run([x[None] for x in v])
             return a[0], b[0]
 
-        alpha, beta = _execution.chunked_map(one, vs, None if chunk >= num_samples else chunk)
+        alpha, beta = _execution.chunked_map(
+            one, vs, None if chunk >= num_samples else chunk, unroll=False
+        )
     bar.close()
     theta, vecs = jnp.linalg.eigh(jax.vmap(_krylov.tridiagonal)(alpha, beta))
     return theta, vecs[:, 0, :] ** 2, draw.d

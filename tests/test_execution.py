@@ -1,9 +1,14 @@
 """The execution layer's estimator cache: the same configuration gives the same estimator,
 and configurations that only compare equal across types do not."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 
 import phipsimu
+from phipsimu import _execution
 
 
 def loss(p):
@@ -20,3 +25,68 @@ def test_same_configuration_same_estimator_and_types_kept_apart():
         loss, num_matvecs=4, mask={"a": True}
     )
     assert build(loss, num_matvecs=4, mask=None) is not a
+
+
+# ---------------------------------------------------------------- the strategy policy
+
+
+def conv_loss(params, x, y):
+    """A two-layer convolutional net on 4×4 single-channel images, cross-entropy."""
+    h = jax.lax.conv_general_dilated(
+        x, params["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    logits = jax.nn.relu(h).reshape(x.shape[0], -1) @ params["w"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def conv_problem():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "k": jax.random.normal(k1, (3, 3, 1, 2)) / 3.0,
+        "w": jax.random.normal(k2, (32, 3)) / 6.0,
+    }
+    x = jax.random.normal(k3, (6, 4, 4, 1))
+    return params, x, jnp.arange(6) % 3
+
+
+def test_policy_unrolls_convolutions_on_cpu_up_to_the_limit():
+    params, x, y = conv_problem()
+    conv = lambda: jax.make_jaxpr(jax.grad(conv_loss))(params, x, y)  # noqa: E731
+    dense = lambda: jax.make_jaxpr(jax.grad(loss))([jnp.ones(2), jnp.ones(3)])  # noqa: E731
+    assert "conv_general_dilated" in _execution.primitives(conv())
+    assert _execution.unroll_for(4, conv)
+    assert _execution.unroll_for(_execution.UNROLL_MAX, conv)
+    assert not _execution.unroll_for(_execution.UNROLL_MAX + 1, conv)
+    assert not _execution.unroll_for(4, dense)
+    assert not _execution.unroll_for(4, None)
+
+
+@pytest.mark.parametrize("measure", ["trace", "frobenius"])
+def test_same_key_same_numbers_under_every_strategy(monkeypatch, measure):
+    # draw i comes from the key and i alone, so the loop shape changes only rounding
+    params, x, y = conv_problem()
+    key = jax.random.key(3)
+    meas = getattr(phipsimu.measures, measure)()
+    results = {}
+    # a loop over chunks of 2 (a partial one last), one vmap, and the policy's choice here
+    # (straight-line code: the program has a convolution)
+    for force, chunk in (("loop", 2), ("loop", None), (None, None)):
+        monkeypatch.setattr(_execution, "_FORCE", force)
+        objective = phipsimu.sharpness_aware_loss(
+            conv_loss, meas, rho=0.1, num_samples=5, chunk_size=chunk
+        )
+        grads = jax.jit(jax.grad(objective))(params, x, y, key=key)
+        est = jax.jit(phipsimu.sharpness(conv_loss, meas, num_samples=5, chunk_size=chunk))(
+            params, x, y, key=key
+        )
+        hutch = jax.jit(phipsimu.hessian_trace(conv_loss, num_matvecs=5, chunk_size=chunk))(
+            params, x, y, key=key
+        )
+        results[force, chunk] = (grads, est.value, est.stderr, hutch.value)
+    first = results["loop", 2]
+    for name, got in results.items():
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(first)):
+            # float32 rounding of a gradient, amplified 2/ρ² = 200 times by the term's
+            # differences: a few 1e-5 of the leaf's scale (other draws would differ by O(1))
+            scale = float(jnp.max(jnp.abs(b)))
+            np.testing.assert_allclose(a, b, rtol=0, atol=5e-5 * scale, err_msg=str(name))

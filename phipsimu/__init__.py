@@ -3,7 +3,7 @@
 Reference: Tahmasebi, Soleymani, Jegelka, Jaillet, "On Scale-Invariant Sharpness Measures".
 """
 
-from phipsimu import curvature, measures, mu, symmetries
+from phipsimu import curvature, landscape, measures, mu, symmetries
 from phipsimu._curvature import MAX_DENSE_DIM, hvp
 from phipsimu._diagnostics import PARETO_K_THRESHOLD, Status, describe_status
 from phipsimu._estimate import exact_sharpness, sharpness
@@ -54,6 +54,7 @@ __all__ = [
     "hessian_diagonal",
     "hessian_trace",
     "hvp",
+    "landscape",
     "layer_blocks",
     "log_determinant",
     "measures",

@@ -169,10 +169,12 @@ def _check_coords(coords: Any) -> list[jax.Array]:
 
 def _stack_directions(directions: Any, params: PyTree, k: int) -> PyTree:
     """``directions`` as one pytree shaped like ``params`` with a leading axis ``k``."""
-    treedef = jax.tree_util.tree_structure(params)
-    if jax.tree_util.tree_structure(directions) != treedef:
+    # PyTreeDef compares by value; typed Any as in phipsimu._invariance (its stub has no __eq__)
+    treedef: Any = jax.tree_util.tree_structure(params)
+    given: Any = jax.tree_util.tree_structure(directions)
+    if given != treedef:
         if isinstance(directions, (tuple, list)) and all(
-            jax.tree_util.tree_structure(d) == treedef for d in directions
+            treedef == jax.tree_util.tree_structure(d) for d in directions
         ):
             if len(directions) != k:
                 raise ValueError(
@@ -182,7 +184,7 @@ def _stack_directions(directions: Any, params: PyTree, k: int) -> PyTree:
             directions = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *directions)
         else:
             raise ValueError(
-                f"directions: structure {jax.tree_util.tree_structure(directions)} is not "
+                f"directions: structure {given} is not "
                 f"that of params {treedef}; pass a pytree shaped like params with a leading "
                 "axis (one entry per direction, as random_directions returns) or a tuple of "
                 "pytrees shaped like params"

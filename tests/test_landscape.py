@@ -1,8 +1,11 @@
 """Landscapes: filter and layer normalisation against a hand computation, surfaces against
 the closed form of a quadratic, chunking, batches, a mapped axis, and bad input."""
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +190,20 @@ def test_readme_finite_radius_block_runs():
         exec(compile(block, "README.md", "exec"), ns)
     assert ns["surf"].shape == (21, 21) and np.all(np.isfinite(ns["surf"]))
     assert int(ns["worst_est"].status) == 0 and float(ns["sigma_est"].value) > 0
+
+
+@pytest.mark.slow
+def test_surface_on_8_devices_matches_one_device():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(root / "tests" / "landscape_check.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "all checks passed" in result.stdout

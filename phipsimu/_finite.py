@@ -524,10 +524,11 @@ def worst_case_sharpness(
         perturbed = start.perturbed(params)
         x, merge = _tree.split(params, perturbed)
         t = _metric(params, perturbed, adaptive, eta)
+        dtype = _tree.accum_dtype(params, perturbed)
 
         def f(ur: list) -> jax.Array:
             moved = [(xi + ti * ui).astype(xi.dtype) for xi, ti, ui in zip(x, t, ur)]
-            return jnp.asarray(loss_fn(merge(moved), *args)).astype(jnp.float32)
+            return jnp.asarray(loss_fn(merge(moved), *args)).astype(dtype)
 
         chunk = _execution.chunk_for(chunk_size, num_restarts, _execution.leaf_bytes(x))
         return _execution.chunked_map(jax.value_and_grad(f), u, chunk)
@@ -565,7 +566,7 @@ def worst_case_sharpness(
         draw = start.draw_at(key, params, jnp.arange(num_restarts))
         u = [(0.5 * rho * a).astype(a.dtype) for a in draw.active()]
         n = (num_restarts,)
-        ninf = jnp.full(n, -jnp.inf, jnp.float32)
+        ninf = jnp.full(n, -jnp.inf, _tree.accum_dtype(params, draw.perturbed))
         return _State(
             u, u, u, ninf, ninf, jnp.full(n, step_size, jnp.float32), jnp.zeros(n, jnp.int32),
             ninf, jnp.zeros(n, bool),
@@ -595,9 +596,8 @@ def worst_case_sharpness(
     def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> Any:
         _check_call(loss_fn, params, args, key, batches)
         perturbed, _ = start.layout(params)
-        base = _sweep(
-            lambda *b: jnp.asarray(loss_fn(params, *b)).astype(jnp.float32), args, batches
-        )
+        dtype = _tree.accum_dtype(params, perturbed)
+        base = _sweep(lambda *b: jnp.asarray(loss_fn(params, *b)).astype(dtype), args, batches)
         if batches is None:
             s, history = run(params, args, key)
         else:

@@ -275,8 +275,10 @@ def surface(
       *args: passed to ``loss_fn`` (the batch).
       directions: k directions (k = the number of coords arrays): a pytree shaped like
         ``params`` with a leading axis k (as :func:`random_directions` returns), or a tuple
-        of k pytrees shaped like ``params`` (e.g. the SAM ascent direction, Hessian
-        eigenvectors, the difference of two solutions).
+        of k pytrees shaped like ``params``. The top Hessian (or Gauss–Newton) eigenvectors
+        are ``phipsimu.top_eigenvalues(loss_fn, k)(params, *args, key=key).vectors``; the SAM
+        ascent direction is ``(jax.grad(loss_fn)(params, *args),)``; the maximiser of
+        :func:`phipsimu.worst_case_sharpness` is ``(ascent.perturbation,)``.
       coords: a 1-D array ``c1`` (a slice), or a tuple ``(c1, c2)`` of 1-D arrays (a grid).
       chunk_size: grid points evaluated at once (None: the execution layer's default).
       batches: an iterable of batches (or a zero-argument callable returning one): each

@@ -207,3 +207,14 @@ def test_surface_on_8_devices_matches_one_device():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "all checks passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_surface_along_the_top_hessian_eigenvectors():
+    h, x_star, loss = quadratic()
+    top = phipsimu.top_eigenvalues(loss, 2)(x_star, key=KEY)
+    c = np.linspace(-1.0, 1.0, 3)
+    z = landscape.surface(loss, x_star, directions=top.vectors, coords=(c, c))
+    a, b = np.meshgrid(c, c, indexing="ij")
+    lam = np.linalg.eigvalsh(np.asarray(h, np.float64))[::-1][:2]
+    np.testing.assert_allclose(z, 0.5 * (lam[0] * a**2 + lam[1] * b**2), rtol=1e-4, atol=1e-6)

@@ -163,12 +163,14 @@ def relu_mlp():
 FACTORS = jnp.array([3.0, 0.5, 2.0, 0.25])
 
 
+def rescaled(params):
+    return phipsimu.symmetries.rescale_neurons(params, 0, FACTORS)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["worst", "average", "pac_bayes"])
 def test_adaptive_forms_are_invariant_under_neuron_rescaling(which):
     params, loss, data = relu_mlp()
-    moved = phipsimu.symmetries.rescale_neurons(params, 0, FACTORS)
-    np.testing.assert_allclose(loss(moved, *data), loss(params, *data), rtol=1e-5)
 
     def build(adaptive):
         if which == "worst":
@@ -177,24 +179,28 @@ def test_adaptive_forms_are_invariant_under_neuron_rescaling(which):
             return phipsimu.average_sharpness(loss, rho=0.05, num_samples=32, adaptive=adaptive)
         return phipsimu.pac_bayes_sigma(loss, threshold=0.01, num_samples=32, adaptive=adaptive)
 
-    inv = build(True)
-    a, b = inv(params, *data, key=KEY), inv(moved, *data, key=KEY)
-    assert int(a.status) == 0 and int(b.status) == 0
-    np.testing.assert_allclose(b.value, a.value, rtol=1e-4)
+    rep = phipsimu.check_invariance(
+        loss, None, params, rescaled, *data, key=KEY, estimator=build(True)
+    )
+    assert rep.loss_preserved and rep.verdict == "invariant", rep
+    assert int(rep.estimate.status) == 0 and int(rep.transformed_estimate.status) == 0
     # without the metric the same rescaling moves the value: the check can fail
-    plain = build(False)
-    a, b = plain(params, *data, key=KEY), plain(moved, *data, key=KEY)
-    assert abs(float(b.value) / float(a.value) - 1) > 0.05
+    rep = phipsimu.check_invariance(
+        loss, None, params, rescaled, *data, key=KEY, estimator=build(False)
+    )
+    assert not rep.invariant and abs(float(rep.ratio) - 1) > 0.05, rep
 
 
 def test_adaptive_average_is_invariant_under_neuron_rescaling():
-    """The fast-suite case of the test above."""
+    """The fast-suite case of the test above, through check_invariance."""
     params, loss, data = relu_mlp()
-    moved = phipsimu.symmetries.rescale_neurons(params, 0, FACTORS)
     fn = phipsimu.average_sharpness(loss, rho=0.05, num_samples=8, adaptive=True)
-    np.testing.assert_allclose(
-        fn(moved, *data, key=KEY).value, fn(params, *data, key=KEY).value, rtol=1e-4
-    )
+    rep = phipsimu.check_invariance(loss, None, params, rescaled, *data, key=KEY, estimator=fn)
+    assert rep.verdict == "invariant", rep
+    with pytest.raises(ValueError, match=r"num_samples=8: with estimator=\.\.\. it is"):
+        phipsimu.check_invariance(
+            loss, None, params, rescaled, *data, key=KEY, estimator=fn, num_samples=8
+        )
 
 
 @pytest.mark.slow

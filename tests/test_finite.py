@@ -237,3 +237,19 @@ def test_bad_input_fails_at_construction_naming_the_parameter():
         phipsimu.pac_bayes_sigma(diag_loss, threshold=0, num_samples=4)
     with pytest.raises(ValueError, match=r"num_steps=1: must be an int >= 2"):
         phipsimu.worst_case_sharpness(diag_loss, rho=0.1, num_steps=1)
+
+
+@pytest.mark.slow
+def test_the_same_numbers_chunked_and_under_jit():
+    _, loss = dense_quadratic()
+    one = phipsimu.worst_case_sharpness(loss, rho=0.1, num_steps=8, chunk_size=1)
+    all_ = phipsimu.worst_case_sharpness(loss, rho=0.1, num_steps=8)
+    np.testing.assert_allclose(one(X_STAR, key=KEY).value, all_(X_STAR, key=KEY).value, rtol=1e-6)
+    for fn in (
+        phipsimu.average_sharpness(loss, rho=0.1, num_samples=8, chunk_size=3),
+        phipsimu.pac_bayes_sigma(loss, threshold=0.01, num_samples=8, num_bisections=8),
+    ):
+        eager = fn(X_STAR, key=KEY)
+        jitted = jax.jit(lambda p, k, fn=fn: fn(p, key=k))(X_STAR, KEY)
+        np.testing.assert_allclose(jitted.value, eager.value, rtol=1e-6)
+        np.testing.assert_allclose(jitted.stderr, eager.stderr, rtol=1e-5)

@@ -86,7 +86,13 @@ def test_average_over_the_sphere_matches_the_trace_within_stderr():
         sphere.stderr
     )
     assert int(sphere.status) == 0
-    # the value and standard error are those of the per-sample differences
+
+
+@pytest.mark.slow
+def test_average_value_and_stderr_are_those_of_the_per_sample_differences():
+    h, loss = dense_quadratic()
+    rho, m = 0.1, 256
+    sphere = phipsimu.average_sharpness(loss, rho=rho, num_samples=m)(X_STAR, key=KEY)
     v = jax.jit(lambda k: phipsimu.mu.sphere().sample(k, X_STAR, m)[0])(KEY)
     q = jnp.einsum("id,de,ie->i", v, h, v) * rho**2 / 2
     np.testing.assert_allclose(sphere.value, jnp.mean(q), rtol=1e-4)
@@ -128,8 +134,18 @@ def test_pac_bayes_sigma_matches_the_closed_form_within_its_stderr():
     exact = np.sqrt(2 * thr / float(jnp.trace(t[:, None] * h * t[None, :])))
     assert int(est.status) == 0
     assert abs(float(est.value) - exact) <= 4 * float(est.stderr)
-    # σ is a standard deviation: the sample gap at σ̂ is the threshold (to the bisection's
-    # resolution, (1e5)^(2^-20) − 1 ≈ 1e-5 in σ)
+
+
+@pytest.mark.slow
+def test_pac_bayes_sigma_is_a_standard_deviation():
+    """The sample gap at σ̂ is the threshold, to the bisection's resolution
+    ((1e5)^(2^-20) − 1 ≈ 1e-5 in σ), with σ̂ the standard deviation of σ̂Tz."""
+    h, loss = dense_quadratic()
+    thr = 0.01
+    t = jnp.abs(X_STAR)
+    est = phipsimu.pac_bayes_sigma(loss, threshold=thr, num_samples=256, adaptive=True)(
+        X_STAR, key=KEY
+    )
     z = jax.jit(lambda k: phipsimu.mu.gaussian().sample(k, X_STAR, 256)[0])(KEY) * t
     gap = jnp.mean(jnp.einsum("id,de,ie->i", z, h, z)) * est.value**2 / 2
     np.testing.assert_allclose(gap, thr, rtol=1e-4)

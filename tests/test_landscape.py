@@ -106,37 +106,21 @@ def test_surface_matches_the_quadratic_along_given_directions():
         loss, x_star, directions=jnp.stack([d1, d2]), coords=(c1, c2), chunk_size=3
     )
     np.testing.assert_allclose(z3, z, rtol=1e-6)
+
+    # the 20 points over a mapped axis of 4: every member returns the whole grid (8 devices
+    # under shard_map: tests/landscape_check.py)
+    def spread(_):
+        return landscape.surface(loss, x_star, directions=(d1, d2), coords=(c1, c2), axis_name="i")
+
+    for member in jax.vmap(spread, axis_name="i")(jnp.zeros(4)):
+        np.testing.assert_allclose(member, z, rtol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"coords: the grid's 20 points must split evenly over the 3"
+    ):
+        jax.vmap(spread, axis_name="i")(jnp.zeros(3))
     # a 1-D slice, with an extra argument
     z1 = landscape.surface(loss, x_star, 1.0, directions=(d1,), coords=c1)
     np.testing.assert_allclose(z1, 0.5 * c1**2 * float(d1 @ h @ d1) + 1.0, rtol=1e-5)
-
-
-def test_surface_over_a_mapped_axis():
-    def loss(p, x, y):
-        return jnp.mean((x @ p - y) ** 2)
-
-    x = jax.random.normal(KEY, (10, 3))
-    y = jnp.arange(10.0)
-    p = jnp.array([0.1, 0.2, 0.3])
-    dirs = landscape.random_directions(KEY, p, 2, normalize="layer")
-    coords = (np.linspace(-1, 1, 3), np.linspace(-1, 1, 2))
-    whole = landscape.surface(loss, p, x, y, directions=dirs, coords=coords)
-    # the 6 points over an axis of 3: every member returns the whole grid
-    mapped = jax.vmap(
-        lambda _: landscape.surface(loss, p, x, y, directions=dirs, coords=coords, axis_name="i"),
-        axis_name="i",
-    )(jnp.zeros(3))
-    for member in mapped:
-        np.testing.assert_allclose(member, whole, rtol=1e-6)
-    with pytest.raises(
-        ValueError, match=r"coords: the grid's 6 points must split evenly over the 4"
-    ):
-        jax.vmap(
-            lambda _: landscape.surface(
-                loss, p, x, y, directions=dirs, coords=coords, axis_name="i"
-            ),
-            axis_name="i",
-        )(jnp.zeros(4))
 
 
 def test_bad_input_names_the_parameter():

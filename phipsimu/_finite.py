@@ -445,8 +445,9 @@ def worst_case_sharpness(
     ``u ← P(u + α(z − u) + (1 − α)(u − u_prev))`` with α = 0.75; every ``num_steps // 5``
     steps (a window) the step is halved and the ascent restarts from its best point when
     fewer than 75% of the window's steps raised the loss, or when the best value did not
-    rise and the step was not halved at the previous checkpoint (Croce & Hein 2020). Each
-    restart starts from a random point at radius ρ/2 (drawn from ``fold_in(key, r)``); the
+    rise and the step was not halved at the previous checkpoint (Croce & Hein 2020). Restart
+    r starts from a random point at radius ρ/2 (a direction on the l2 sphere, or a corner of
+    the l∞ box, drawn from ``fold_in(key, r)``: a minimum has no gradient to start from); the
     value is the best over restarts. Costs ``num_steps × num_restarts`` gradients.
 
     The value is a **lower bound** of the maximum (an ascent finds a local maximum); its
@@ -474,8 +475,8 @@ def worst_case_sharpness(
 
     Returns:
       ``estimate(params, *args, key, batches=None) -> Estimate`` (or ``(Estimate, Ascent)``
-      with ``return_maximiser``): ``value`` the best ``L(x+δ) − L(x)`` found, ``stderr``
-      NaN, ``num_samples`` the number of restarts, ``status`` with
+      with ``return_maximiser``): ``value`` the best ``L(x+δ) − L(x)`` found; ``stderr``,
+      ``ess`` and ``pareto_k`` NaN; ``num_samples`` the number of restarts; ``status`` with
       ``Status.NOT_CONVERGED`` when the best restart had not converged and
       ``NONFINITE_LOSS`` when a loss was not finite. With ``batches`` each step's loss and
       gradient are those of the dataset mean (one sweep per step, a Python loop).

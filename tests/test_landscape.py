@@ -202,3 +202,30 @@ def test_surface_along_the_top_hessian_eigenvectors():
     a, b = np.meshgrid(c, c, indexing="ij")
     lam = np.linalg.eigvalsh(np.asarray(h, np.float64))[::-1][:2]
     np.testing.assert_allclose(z, 0.5 * (lam[0] * a**2 + lam[1] * b**2), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_plot_draws_slices_contours_and_surfaces_without_matplotlib_at_import():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, phipsimu; print('matplotlib' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])},
+    )
+    assert out.stdout.strip() == "False", out.stderr
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c1, c2 = np.linspace(-1, 1, 5), np.linspace(-1, 1, 4)
+    z = np.add.outer(c1**2, c2**2)
+    ax = landscape.plot(z, (c1, c2), radius=0.5)
+    assert len(ax.lines) == 1  # the radius circle
+    assert landscape.plot(z, (c1, c2), kind="surface").name == "3d"
+    ax = landscape.plot(z[:, 0], c1, radius=0.5)
+    assert len(ax.lines) == 3  # the slice and ±radius
+    with pytest.raises(ValueError, match=r"values: shape \(5, 4\) does not match coords \(5,\)"):
+        landscape.plot(z, c1)
+    with pytest.raises(ValueError, match=r"kind='wire': must be"):
+        landscape.plot(z, (c1, c2), kind="wire")
+    plt.close("all")

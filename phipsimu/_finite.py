@@ -94,6 +94,9 @@ def _differences(
     ``num`` draws ``v_i`` of ``sampler`` (draw i from ``fold_in(key, i)``), evaluated in
     chunks; with ``slopes`` also their derivatives in ``s``."""
     perturbed, _ = sampler.layout(params)
+    # 16-bit leaves in float32 copies, as in the eq. 10 term (docs/conventions.md, "Low
+    # precision"): rounded to 16 bits, x + s·Tv would leave small moves undone
+    params = _tree.widen(params, perturbed)
     x, merge = _tree.split(params, perturbed)
     t = _metric(params, perturbed, adaptive, eta)
     dtype = _tree.accum_dtype(params, perturbed)
@@ -395,8 +398,9 @@ class Ascent(NamedTuple):
 
     Attributes:
       perturbation: δ of the best restart, a pytree shaped like params (zeros on leaves that
-        are not perturbed): ``params + perturbation`` is the maximiser found, within the
-        ball ``‖T⁻¹δ‖ <= ρ``.
+        are not perturbed; float32 for 16-bit leaves, whose points are evaluated in float32
+        copies): ``params + perturbation`` is the maximiser found, within the ball
+        ``‖T⁻¹δ‖ <= ρ``.
       restart_values: shape ``(num_restarts,)``, each restart's best ``L(x+δ) − L(x)``.
       converged: shape ``(num_restarts,)``, whether each restart's best value rose by at
         most ``rtol`` (relative) over its last window of steps.
@@ -547,7 +551,7 @@ def worst_case_sharpness(
         u_new = [jnp.where(k == 0, b, a) for a, b in zip(moved, z)]
         check = (k + 1) % window == 0
         halve = check & ((rises < _RISE_FRACTION * window) | (~s.reduced & (f_best <= s.f_check)))
-        u_new = [jnp.where(halve, b, a) for a, b in zip(u_new, u_best)]
+        u_new = [jnp.where(halve, b, a).astype(b.dtype) for a, b in zip(u_new, u_best)]
         u_prev = [jnp.where(halve, b, a) for a, b in zip(s.u, u_best)]
         return _State(
             u=u_new,
@@ -565,9 +569,11 @@ def worst_case_sharpness(
 
     def init(params: PyTree, key: jax.Array) -> _State:
         draw = start.draw_at(key, params, jnp.arange(num_restarts))
-        u = [(0.5 * rho * a).astype(a.dtype) for a in draw.active()]
+        # the iterate in at least float32: 16-bit params would round the ascent's small steps
+        dtype = _tree.accum_dtype(params, draw.perturbed)
+        u = [(0.5 * rho * a).astype(jnp.promote_types(a.dtype, dtype)) for a in draw.active()]
         n = (num_restarts,)
-        ninf = jnp.full(n, -jnp.inf, _tree.accum_dtype(params, draw.perturbed))
+        ninf = jnp.full(n, -jnp.inf, dtype)
         return _State(
             u, u, u, ninf, ninf, jnp.full(n, step_size, jnp.float32), jnp.zeros(n, jnp.int32),
             ninf, jnp.zeros(n, bool),
@@ -597,6 +603,7 @@ def worst_case_sharpness(
     def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None) -> Any:
         _check_call(loss_fn, params, args, key, batches)
         perturbed, _ = start.layout(params)
+        params = _tree.widen(params, perturbed)  # 16-bit leaves in float32, as in _differences
         dtype = _tree.accum_dtype(params, perturbed)
         base = _sweep(lambda *b: jnp.asarray(loss_fn(params, *b)).astype(dtype), args, batches)
         if batches is None:
@@ -617,7 +624,7 @@ def worst_case_sharpness(
         if not return_maximiser:
             return est
         t = _metric(params, perturbed, adaptive, eta)
-        delta = [(ti * a[best]).astype(a.dtype) for ti, a in zip(t, s.u_best)]
+        delta = [(ti * a[best]).astype(ti.dtype) for ti, a in zip(t, s.u_best)]
         return est, Ascent(_tree.unsplit(params, perturbed, delta), values, converged)
 
     return _execution.eager_jit(estimate)

@@ -222,7 +222,8 @@ def _values(
     """``L(x + Σᵢ cᵢ dᵢ)`` at every row c of ``points``; with ``axis_name`` each device
     evaluates its block of rows and the blocks are gathered in order."""
     perturbed = _tree.perturbed_leaves(params)
-    x, merge = _tree.split(params, perturbed)
+    # 16-bit leaves in float32 copies (docs/conventions.md, "Low precision")
+    x, merge = _tree.split(_tree.widen(params, perturbed), perturbed)
     ds = _tree.active(directions, perturbed)
     n = points.shape[0]
     if axis_name is not None:

@@ -269,3 +269,26 @@ def test_the_same_numbers_chunked_and_under_jit():
         jitted = jax.jit(lambda p, k, fn=fn: fn(p, key=k))(X_STAR, KEY)
         np.testing.assert_allclose(jitted.value, eager.value, rtol=1e-6)
         np.testing.assert_allclose(jitted.stderr, eager.stderr, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_16_bit_params_are_evaluated_in_float32_copies():
+    """bfloat16 params (values exact in bfloat16) give the float32 numbers: the perturbed
+    points are formed in float32, not rounded to the params' 16 bits."""
+    x16 = jnp.array([0.5, -1.0, 2.0, 0.25, 1.5], jnp.bfloat16)
+    x32 = x16.astype(jnp.float32)
+
+    def loss(p):
+        return 0.5 * jnp.sum(H_DIAG * (p.astype(jnp.float32) - x32) ** 2)
+
+    for fn in (
+        phipsimu.worst_case_sharpness(loss, rho=0.01, num_steps=10),
+        phipsimu.average_sharpness(loss, rho=0.01, num_samples=8),
+        phipsimu.pac_bayes_sigma(loss, threshold=1e-4, num_samples=8, num_bisections=10),
+    ):
+        np.testing.assert_allclose(fn(x16, key=KEY).value, fn(x32, key=KEY).value, rtol=1e-6)
+    z16 = phipsimu.landscape.surface(
+        loss, x16, directions=(jnp.ones(5, jnp.bfloat16) * 1e-3,), coords=np.array([0.0, 1.0])
+    )
+    # the direction 1e-3 in bfloat16 is within 2^-9 of it: its square within 1%
+    np.testing.assert_allclose(z16, [0.0, 0.5e-6 * float(jnp.sum(H_DIAG))], rtol=1e-2)

@@ -287,8 +287,3 @@ def test_16_bit_params_are_evaluated_in_float32_copies():
         phipsimu.pac_bayes_sigma(loss, threshold=1e-4, num_samples=8, num_bisections=10),
     ):
         np.testing.assert_allclose(fn(x16, key=KEY).value, fn(x32, key=KEY).value, rtol=1e-6)
-    z16 = phipsimu.landscape.surface(
-        loss, x16, directions=(jnp.ones(5, jnp.bfloat16) * 1e-3,), coords=np.array([0.0, 1.0])
-    )
-    # the direction 1e-3 in bfloat16 is within 2^-9 of it: its square within 1%
-    np.testing.assert_allclose(z16, [0.0, 0.5e-6 * float(jnp.sum(H_DIAG))], rtol=1e-2)

@@ -3,10 +3,11 @@
 Reference: Tahmasebi, Soleymani, Jegelka, Jaillet, "On Scale-Invariant Sharpness Measures".
 """
 
-from phipsimu import curvature, measures, mu, symmetries
+from phipsimu import curvature, landscape, measures, mu, symmetries
 from phipsimu._curvature import MAX_DENSE_DIM, hvp
 from phipsimu._diagnostics import PARETO_K_THRESHOLD, Status, describe_status
 from phipsimu._estimate import exact_sharpness, sharpness
+from phipsimu._finite import Ascent, average_sharpness, pac_bayes_sigma, worst_case_sharpness
 from phipsimu._invariance import InvarianceReport, check_invariance
 from phipsimu._measure import Estimate, Measure
 from phipsimu._objective import sharpness_aware_loss
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_DENSE_DIM",
     "PARETO_K_THRESHOLD",
+    "Ascent",
     "EigenResult",
     "Estimate",
     "InvarianceReport",
@@ -43,6 +45,7 @@ __all__ = [
     "SharpnessAwareState",
     "SpectralDensity",
     "Status",
+    "average_sharpness",
     "check_invariance",
     "curvature",
     "describe_status",
@@ -51,10 +54,12 @@ __all__ = [
     "hessian_diagonal",
     "hessian_trace",
     "hvp",
+    "landscape",
     "layer_blocks",
     "log_determinant",
     "measures",
     "mu",
+    "pac_bayes_sigma",
     "power_iteration",
     "random_sam",
     "sam",
@@ -65,4 +70,5 @@ __all__ = [
     "symmetries",
     "top_eigenvalues",
     "trace_function",
+    "worst_case_sharpness",
 ]

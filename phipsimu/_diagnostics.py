@@ -50,6 +50,12 @@ class Status(enum.IntFlag):
     #: the importance weights provably have infinite variance (determinant with
     #: ``scale² <= 1/(2·λ_min)``): the stderr underestimates the error.
     INFINITE_VARIANCE = 64
+    #: an iterative search (the ascent of :func:`phipsimu.worst_case_sharpness`) stopped at
+    #: its step budget while its best value was still rising: the value is a looser bound.
+    NOT_CONVERGED = 128
+    #: a search over a range (:func:`phipsimu.pac_bayes_sigma`) ended at one of its ends:
+    #: the value is that end, a bound on the answer rather than the answer.
+    AT_SEARCH_BOUND = 256
 
 
 _WORDS = {
@@ -71,6 +77,12 @@ _WORDS = {
     Status.INFINITE_VARIANCE: (
         "infinite variance: the importance weights have infinite variance (proposal too "
         "narrow), the stderr is too small"
+    ),
+    Status.NOT_CONVERGED: (
+        "not converged: the search used its whole budget while its best value still rose"
+    ),
+    Status.AT_SEARCH_BOUND: (
+        "at a search bound: the answer lies outside the searched range, the value is its end"
     ),
 }
 

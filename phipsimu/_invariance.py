@@ -318,7 +318,7 @@ class InvarianceReport(NamedTuple):
 
 def check_invariance(
     loss_fn: Callable[..., jax.Array],
-    measure: _measure.Measure,
+    measure: _measure.Measure | None,
     params: PyTree,
     transform: Callable[[PyTree], PyTree],
     *args: Any,
@@ -331,6 +331,7 @@ def check_invariance(
     loss_rtol: float = 1e-5,
     loss_atol: float = 1e-6,
     z_max: float = 4.0,
+    estimator: Callable[..., _measure.Estimate] | None = None,
 ) -> InvarianceReport:
     """Is the measure S invariant under ``transform`` on this model? One call, two estimates.
 
@@ -346,7 +347,7 @@ def check_invariance(
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
-      measure: a :class:`phipsimu.Measure`.
+      measure: a :class:`phipsimu.Measure` (None with ``estimator``).
       params: the parameters x.
       transform: ``params -> params``, e.g. ``lambda p: rescale_neurons(p, 0, c)``.
       *args: passed to ``loss_fn`` (the batch).
@@ -356,6 +357,12 @@ def check_invariance(
         same probes at x and T(x) is ~1e-6 relative; default 1e-4).
       loss_rtol, loss_atol: tolerance for ``L(T(x)) == L(x)``.
       z_max: |z| above which the verdict is "not invariant".
+      estimator: instead of a measure (then ``measure=None``), any estimator with the
+        estimators' calling convention ``(params, *args, key) -> Estimate``, e.g.
+        ``phipsimu.average_sharpness(loss_fn, rho=0.05, num_samples=64, adaptive=True)``
+        or :func:`phipsimu.worst_case_sharpness` (whose NaN stderr leaves only the
+        ``rtol`` comparison); ``num_samples``, ``chunk_size``, ``adaptive`` and ``eta`` are
+        then the estimator's own and must be left at their defaults.
 
     Returns:
       an :class:`InvarianceReport`.
@@ -376,14 +383,31 @@ def check_invariance(
       >>> rep.verdict
       'invariant'
     """
-    est_fn = _estimate.sharpness(
-        loss_fn,
-        measure,
-        num_samples=num_samples,
-        chunk_size=chunk_size,
-        adaptive=adaptive,
-        eta=eta,
-    )
+    est_fn: Callable[..., _measure.Estimate]
+    if estimator is None:
+        if measure is None:
+            raise ValueError("measure=None: give a phipsimu.Measure, or an estimator=...")
+        est_fn = _estimate.sharpness(
+            loss_fn,
+            measure,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
+            adaptive=adaptive,
+            eta=eta,
+        )
+    else:
+        _checks.function("estimator", estimator, "(params, *args, key) -> Estimate")
+        if measure is not None:
+            raise ValueError(f"measure={measure!r}: give a measure or an estimator=..., not both")
+        given = dict(num_samples=num_samples, chunk_size=chunk_size, adaptive=adaptive, eta=eta)
+        defaults = dict(num_samples=1024, chunk_size=None, adaptive=False, eta=0.0)
+        for name, value in given.items():
+            if value != defaults[name]:
+                raise ValueError(
+                    f"{name}={value!r}: with estimator=... it is the estimator's own; leave it "
+                    f"at its default {defaults[name]!r}"
+                )
+        est_fn = estimator
     _checks.function("transform", transform, "params -> params")
     _checks.check_key(key)
     rtol = _checks.real("rtol", rtol, lo=0.0, strict=True)
@@ -433,7 +457,8 @@ def check_invariance(
         ratio = math.exp(lv1 - lv0)
     else:
         ratio = v1 / v0 if v0 != 0 else (1.0 if v1 == 0 else math.inf)
-    if measure.log_space:
+    log_space = measure is not None and measure.log_space
+    if log_space:
         se = math.hypot(float(e0.stderr) / v0, float(e1.stderr) / v1) if v0 and v1 else math.nan
         diff = lv1 - lv0
     else:
@@ -447,7 +472,7 @@ def check_invariance(
         z = math.copysign(math.inf, diff) if not math.isnan(diff) else math.nan
 
     try:
-        vf = volume_factor(params, transform, mask=measure.mu.mask)
+        vf = volume_factor(params, transform, mask=None if measure is None else measure.mu.mask)
     except ValueError:  # not a diagonal rescaling (a permutation, say): no det D to report
         vf = None
 

@@ -4,14 +4,15 @@
 
 Suites (in this order): ``cost`` (probe/grad, SAM/SGD, SAM/optax.contrib.sam, eq. 10 step per
 (m + 1) gradients for m = 1…16, and the PyTorch peers when torch is installed), ``memory``
-(peak RSS growth against m, one process per point), ``compile`` (compile time against step time,
-second eager call), ``scaling`` (exponent of cost in d at d ≈ 10⁴, 10⁵, 10⁶ on an MLP and a
-small CNN) and ``accuracy`` (spectral estimators against a dense Hessian). Every timed figure is
-a median over interleaved repeats after warm-up. Results go to ``DIR/<machine>.json`` and
-``DIR/<machine>.md`` (default ``benchmarks/results``), with the machine (CPU model, cores,
-backend, device kind, jax version) and the load average before and after. ``--readme`` copies
-the table into README.md between its benchmark markers. ``--quick`` is a smoke test (small
-sizes, two repeats, under a minute), whose numbers mean nothing.
+(peak RSS growth against m, one process per point), ``compile`` (compile time against step
+time, second eager call), ``scaling`` (exponent of cost in d at d ≈ 10⁴, 10⁵, 10⁶ on an MLP and
+a small CNN), ``accuracy`` (spectral estimators against a dense Hessian) and ``zoo`` (the cost
+goals and the execution strategy on every model of ``benchmarks/zoo.py`` at benchmark size).
+Every timed figure is a median over interleaved repeats after warm-up. Results go to
+``DIR/<machine>.json`` and ``DIR/<machine>.md`` (default ``benchmarks/results``), with the
+machine (CPU model, cores, backend, device kind, jax version) and the load average before and
+after. ``--readme`` copies the table into README.md between its benchmark markers. ``--quick``
+is a smoke test (small sizes, two repeats, under a minute), whose numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import _common, accuracy, compile, cost, memory, scaling
+from . import _common, accuracy, compile, cost, memory, scaling, zoo_cost
 
 SUITES = {
     "cost": cost.run,
@@ -31,6 +32,7 @@ SUITES = {
     "compile": compile.run,
     "scaling": scaling.run,
     "accuracy": accuracy.run,
+    "zoo": zoo_cost.run,
 }
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"

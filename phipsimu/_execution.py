@@ -62,6 +62,13 @@ def default_chunk(num: int, probe_bytes: int, backend: str | None = None) -> int
 #: per-sample program, so compile time grows with it.
 UNROLL_MAX = 16
 
+#: The most equations (the per-sample program's, times the number of samples) that
+#: :func:`unroll_for` runs as straight-line code. XLA:CPU's compile time grows faster than
+#: the program: the eq. 10 term of the test-size ResNet-18 of ``benchmarks/zoo.py`` (3,781
+#: equations per sample) compiles in about a minute at m = 1 and took over ten minutes at
+#: m = 4 unrolled; a small CNN's (350 per sample) unrolls up to m = 16 in seconds.
+UNROLL_EQUATIONS = 8192
+
 #: Primitives that XLA:CPU runs an order of magnitude slower batched over samples (a ``vmap``
 #: of a convolution over perturbed kernels becomes a grouped convolution) or inside a loop
 #: than as one plain call per sample (``python -m benchmarks --only strategy``).
@@ -73,16 +80,25 @@ _FORCE: str | None = None
 
 def unroll_for(num: int, program: Callable[[], Any] | None = None) -> bool:
     """Whether ``num`` samples run as straight-line code, one at a time, rather than in
-    ``vmap`` chunks inside a loop: on CPU, when ``num <= UNROLL_MAX`` and the per-sample
+    ``vmap`` chunks inside a loop: on CPU, when ``num <= UNROLL_MAX``, the per-sample
     program (``program()`` returns its jaxpr, traced only when needed) holds one of
-    :data:`UNROLL_PRIMITIVES`. Elsewhere the loop wins: on an MLP and a transformer a
-    ``vmap`` chunk shares work between samples that straight-line code repeats, and on
-    accelerators one kernel over many samples is what they are fast at."""
+    :data:`UNROLL_PRIMITIVES`, and ``num`` copies of it stay within
+    :data:`UNROLL_EQUATIONS`. Elsewhere the loop wins: on an MLP and a transformer a
+    ``vmap`` chunk shares work between samples that straight-line code repeats, on
+    accelerators one kernel over many samples is what they are fast at, and a large
+    program unrolled takes minutes to compile."""
     if _FORCE is not None:
         return _FORCE == "unroll"
     if not 0 < num <= UNROLL_MAX or jax.default_backend() != "cpu" or program is None:
         return False
-    return bool(primitives(program()) & UNROLL_PRIMITIVES)
+    jaxpr = program()
+    return bool(primitives(jaxpr) & UNROLL_PRIMITIVES) and num * size(jaxpr) <= UNROLL_EQUATIONS
+
+
+def size(jaxpr: Any) -> int:
+    """Equations in ``jaxpr`` and in every program nested in it."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return len(jaxpr.eqns) + sum(size(sub) for sub in jax.extend.core.subjaxprs(jaxpr))
 
 
 def primitives(jaxpr: Any) -> set[str]:

@@ -49,7 +49,7 @@ def conv_problem():
     return params, x, jnp.arange(6) % 3
 
 
-def test_policy_unrolls_convolutions_on_cpu_up_to_the_limit():
+def test_policy_unrolls_convolutions_on_cpu_up_to_the_limits(monkeypatch):
     params, x, y = conv_problem()
     conv = lambda: jax.make_jaxpr(jax.grad(conv_loss))(params, x, y)  # noqa: E731
     dense = lambda: jax.make_jaxpr(jax.grad(loss))([jnp.ones(2), jnp.ones(3)])  # noqa: E731
@@ -59,6 +59,10 @@ def test_policy_unrolls_convolutions_on_cpu_up_to_the_limit():
     assert not _execution.unroll_for(_execution.UNROLL_MAX + 1, conv)
     assert not _execution.unroll_for(4, dense)
     assert not _execution.unroll_for(4, None)
+    # a program too large to unroll m times (compile time) stays in the loop
+    monkeypatch.setattr(_execution, "UNROLL_EQUATIONS", 3 * _execution.size(conv()))
+    assert _execution.unroll_for(3, conv)
+    assert not _execution.unroll_for(4, conv)
 
 
 @pytest.mark.parametrize("measure", ["trace", "frobenius"])

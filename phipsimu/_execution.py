@@ -4,8 +4,10 @@ grid points), in one place.
 * the chunk policy: how many samples run at once when ``chunk_size=None``
   (:func:`default_chunk`; :data:`DEFAULT_CHUNK` on CPU, :data:`ACCELERATOR_CHUNK_BYTES` of
   probe-sized buffers on GPU/TPU);
-* :func:`chunked_map` (one ``vmap``, or a chunked ``lax.map`` whose memory holds one chunk)
-  and :func:`fold` (a chunked scan with a carry, for running sums);
+* the strategy (:func:`unroll_for`): ``vmap`` chunks in a loop, or, for small programs with
+  convolutions on CPU, one sample at a time in straight-line code;
+* :func:`chunked_map` (one ``vmap``, a chunked ``lax.map`` whose memory holds one chunk, or
+  unrolled) and :func:`fold` (the same with a carry, for running sums);
 * :func:`lift`: a function with everything it captures made explicit inputs (the chunked
   loop fences them; the eq. 10 rule differentiates them);
 * the estimators' calling convention: :func:`eager_jit` (an eager call compiles once per
@@ -141,6 +143,7 @@ class Lifted(NamedTuple):
     consts: list
     call: Callable[..., Any]
     shape: Any
+    jaxpr: Any = None
 
 
 def lift(fn: Callable[..., Any], *example: Any) -> Lifted:
@@ -157,14 +160,15 @@ def lift(fn: Callable[..., Any], *example: Any) -> Lifted:
         out = jax.core.eval_jaxpr(closed.jaxpr, list(consts), *jax.tree_util.tree_leaves(args))
         return jax.tree_util.tree_unflatten(out_tree, out)
 
-    return Lifted(list(closed.consts), call, shape)
+    return Lifted(list(closed.consts), call, shape, closed)
 
 
 # ---------------------------------------------------------------- loops over samples
 
 
 def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None, unroll: bool | None = None) -> Any:
-    """Apply ``fn`` to every sample of ``v``: ``vmap`` when ``chunk_size`` is None, else a
+    """Apply ``fn`` to every sample of ``v``: one sample at a time in straight-line code when
+    ``unroll`` (None: :func:`unroll_for`), else ``vmap`` when ``chunk_size`` is None, else a
     chunked ``lax.map`` that holds ``chunk_size`` samples in memory at a time.
 
     In the chunked loop, everything ``fn`` captures (the params, the batch) enters each
@@ -176,14 +180,21 @@ def chunked_map(fn: Callable, v: PyTree, chunk_size: int | None, unroll: bool | 
     :func:`_fence`), so the traced ``fn`` also runs inside ``jax.shard_map``'s checks."""
     leaves = jax.tree_util.tree_leaves(v)
     num = leaves[0].shape[0] if leaves else 0
+    lifted = None
+
+    def program() -> Any:
+        nonlocal lifted
+        lifted = lift(fn, jax.tree_util.tree_map(_first, v))
+        return lifted.jaxpr
+
     if unroll is None:
-        unroll = unroll_for(num, lambda: jax.make_jaxpr(fn)(jax.tree_util.tree_map(_first, v)))
+        unroll = unroll_for(num, program)
     if unroll and num:
         outs = [fn(jax.tree_util.tree_map(lambda a, j=j: a[j], v)) for j in range(num)]
         return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
     if chunk_size is None:
         return jax.vmap(fn)(v)
-    lifted = lift(fn, jax.tree_util.tree_map(_first, v))
+    lifted = lift(fn, jax.tree_util.tree_map(_first, v)) if lifted is None else lifted
     consts = lifted.consts
     # extended dtypes (PRNG keys) cannot pass the barrier; integer work on them is cheap
     fenced = [i for i, c in enumerate(consts) if not _is_key(c)]

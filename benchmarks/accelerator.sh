@@ -18,6 +18,9 @@ print("backend:", jax.default_backend(), "devices:", jax.devices())
 if jax.default_backend() == "cpu":
     print("warning: no accelerator visible to JAX; the numbers will be CPU numbers")
 PY
-"$PYTHON" -m benchmarks "$@"
+"$PYTHON" -m benchmarks "$@"  # every suite, the model zoo's included (--only zoo for it alone)
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_transforms.py tests/test_estimate.py \
     tests/test_spectral.py -k "jit or recompil or trace or shard or device or eager"
+# the zoo through every transform and estimator, and the strategy's same-numbers check
+"$PYTHON" -m pytest -q -p no:cacheprovider -m "slow or not slow" tests/test_zoo.py \
+    tests/test_execution.py

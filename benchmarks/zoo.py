@@ -26,8 +26,11 @@ statistics, dropout with a fixed key) and drops the new running statistics, for 
 benchmarks and estimators; ``train_loss(params, state, x, y, key)`` is train mode with
 dropout drawn from ``key`` and returns ``(loss, new_state)`` (the ``has_aux=True`` recipe of
 docs/flax.md); ``eval_loss(params, state, x, y)`` is eval mode (running statistics, no
-dropout). With ``dtype=jnp.bfloat16`` parameters and activations are bf16; the logits are
-cast to float32 for the cross-entropy.
+dropout). ``apply(params, x)`` gives the logits of ``loss`` and ``output_loss(logits, y)``
+the cross-entropy, for the Gauss–Newton operator. With ``dtype=jnp.bfloat16`` parameters,
+inputs and so activations are bf16 (``compute_dtype=jnp.bfloat16`` also pins every layer's
+computation to bf16, as flax's mixed precision does); the logits are cast to float32 for the
+cross-entropy.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class Model(NamedTuple):
     loss: Callable[..., jax.Array]  # loss(params, x, y): train mode, fixed dropout key
     train_loss: Callable[..., Any]  # train_loss(params, state, x, y, key) -> (loss, state)
     eval_loss: Callable[..., jax.Array]  # eval_loss(params, state, x, y)
+    apply: Callable[..., jax.Array] | None = None  # apply(params, x): logits as in ``loss``
+    output_loss: Callable[..., jax.Array] | None = None  # output_loss(logits, y)
     graphdef: Any = None  # nnx.merge(graphdef, params, state) rebuilds the module
     config: Any = None  # the architecture's hyperparameters at this size
 
@@ -73,8 +78,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    def __init__(self, sizes, *, dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+    def __init__(self, sizes, *, dtype, compute, rngs: nnx.Rngs):
+        kw = dict(dtype=compute, param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List([nnx.Linear(a, b, **kw) for a, b in zip(sizes[:-1], sizes[1:])])
 
     def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None = None):
@@ -84,8 +89,8 @@ class MLP(nnx.Module):
 
 
 class CNN(nnx.Module):
-    def __init__(self, channels: int, *, side: int, dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+    def __init__(self, channels: int, *, side: int, dtype, compute, rngs: nnx.Rngs):
+        kw = dict(dtype=compute, param_dtype=dtype, rngs=rngs)
         self.side = side
         self.conv1 = nnx.Conv(1, channels, (3, 3), padding="SAME", **kw)
         self.conv2 = nnx.Conv(channels, channels, (3, 3), padding="SAME", **kw)
@@ -98,9 +103,9 @@ class CNN(nnx.Module):
 
 
 class BasicBlock(nnx.Module):
-    def __init__(self, cin: int, cout: int, stride: int, *, dtype, rngs: nnx.Rngs):
-        conv = dict(use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        bn = dict(momentum=0.9, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    def __init__(self, cin: int, cout: int, stride: int, *, dtype, compute, rngs: nnx.Rngs):
+        conv = dict(use_bias=False, dtype=compute, param_dtype=dtype, rngs=rngs)
+        bn = dict(momentum=0.9, dtype=compute, param_dtype=dtype, rngs=rngs)
         self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, **conv)
         self.bn1 = nnx.BatchNorm(cout, **bn)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, **conv)
@@ -121,29 +126,31 @@ class BasicBlock(nnx.Module):
 
 
 class ResNet18(nnx.Module):
-    def __init__(self, widths, *, classes: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, widths, *, classes: int, dtype, compute, rngs: nnx.Rngs):
         self.stem = nnx.Conv(
             3,
             widths[0],
             (3, 3),
             padding=1,
             use_bias=False,
-            dtype=dtype,
+            dtype=compute,
             param_dtype=dtype,
             rngs=rngs,
         )
         self.stem_bn = nnx.BatchNorm(
-            widths[0], momentum=0.9, dtype=dtype, param_dtype=dtype, rngs=rngs
+            widths[0], momentum=0.9, dtype=compute, param_dtype=dtype, rngs=rngs
         )
         blocks = []
         cin = widths[0]
         for stage, cout in enumerate(widths):
             for i in range(2):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(cin, cout, stride, dtype=dtype, rngs=rngs))
+                blocks.append(
+                    BasicBlock(cin, cout, stride, dtype=dtype, compute=compute, rngs=rngs)
+                )
                 cin = cout
         self.blocks = nnx.List(blocks)
-        self.head = nnx.Linear(cin, classes, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(cin, classes, dtype=compute, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None = None):
         h = jax.nn.relu(self.stem_bn(self.stem(x), use_running_average=not train))
@@ -155,8 +162,8 @@ class ResNet18(nnx.Module):
 class Block(nnx.Module):
     """Pre-LayerNorm transformer block: x + Drop(Attn(LN(x))), then x + Drop(MLP(LN(x)))."""
 
-    def __init__(self, width: int, heads: int, dropout: float, *, dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+    def __init__(self, width: int, heads: int, dropout: float, *, dtype, compute, rngs: nnx.Rngs):
+        kw = dict(dtype=compute, param_dtype=dtype, rngs=rngs)
         self.ln1 = nnx.LayerNorm(width, **kw)
         self.attn = nnx.MultiHeadAttention(heads, width, decode=False, keep_rngs=False, **kw)
         self.ln2 = nnx.LayerNorm(width, **kw)
@@ -174,15 +181,15 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only language model on integer tokens ``(batch, context)``."""
 
-    def __init__(self, cfg: dict, *, dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: dict, *, dtype, compute, rngs: nnx.Rngs):
+        kw = dict(dtype=compute, param_dtype=dtype, rngs=rngs)
         w = cfg["width"]
         self.embed = nnx.Embed(cfg["vocab"], w, **kw)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg["context"], w), dtype))
         self.drop = nnx.Dropout(cfg["dropout"])
         self.blocks = nnx.List(
             [
-                Block(w, cfg["heads"], cfg["dropout"], dtype=dtype, rngs=rngs)
+                Block(w, cfg["heads"], cfg["dropout"], dtype=dtype, compute=compute, rngs=rngs)
                 for _ in range(cfg["layers"])
             ]
         )
@@ -202,15 +209,15 @@ class Transformer(nnx.Module):
 class ViT(nnx.Module):
     """ViT-style classifier: patch embedding, pre-LayerNorm blocks, mean-pooled tokens."""
 
-    def __init__(self, cfg: dict, *, dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: dict, *, dtype, compute, rngs: nnx.Rngs):
+        kw = dict(dtype=compute, param_dtype=dtype, rngs=rngs)
         w, p = cfg["width"], cfg["patch"]
         tokens = (cfg["side"] // p) ** 2
         self.patch = nnx.Conv(3, w, (p, p), strides=p, padding="VALID", **kw)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (tokens, w), dtype))
         self.blocks = nnx.List(
             [
-                Block(w, cfg["heads"], cfg["dropout"], dtype=dtype, rngs=rngs)
+                Block(w, cfg["heads"], cfg["dropout"], dtype=dtype, compute=compute, rngs=rngs)
                 for _ in range(cfg["layers"])
             ]
         )
@@ -285,16 +292,18 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _module(name: str, cfg: dict, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+def _module(name: str, cfg: dict, dtype: Any, compute: Any, rngs: nnx.Rngs) -> nnx.Module:
     if name == "mlp":
-        return MLP(cfg["sizes"], dtype=dtype, rngs=rngs)
+        return MLP(cfg["sizes"], dtype=dtype, compute=compute, rngs=rngs)
     if name == "cnn":
-        return CNN(cfg["channels"], side=cfg["side"], dtype=dtype, rngs=rngs)
+        return CNN(cfg["channels"], side=cfg["side"], dtype=dtype, compute=compute, rngs=rngs)
     if name == "resnet18":
-        return ResNet18(cfg["widths"], classes=cfg["classes"], dtype=dtype, rngs=rngs)
+        return ResNet18(
+            cfg["widths"], classes=cfg["classes"], dtype=dtype, compute=compute, rngs=rngs
+        )
     if name == "transformer":
-        return Transformer(cfg, dtype=dtype, rngs=rngs)
-    return ViT(cfg, dtype=dtype, rngs=rngs)
+        return Transformer(cfg, dtype=dtype, compute=compute, rngs=rngs)
+    return ViT(cfg, dtype=dtype, compute=compute, rngs=rngs)
 
 
 def _batch(name: str, cfg: dict, n: int, key: jax.Array, dtype: Any) -> tuple:
@@ -318,6 +327,7 @@ def build(
     seed: int = 0,
     batch_size: int | None = None,
     dtype: Any = jnp.float32,
+    compute_dtype: Any = None,
 ) -> Model:
     """The zoo model ``name`` at ``size`` ("test" or "bench") as pure functions of arrays.
 
@@ -326,7 +336,12 @@ def build(
       size: "test" (tiny, compiles in seconds) or "bench" (the benchmark size).
       seed: draws the initial parameters, the synthetic batch and the fixed dropout key.
       batch_size: examples (sequences) in the synthetic batch; None: the size's default.
-      dtype: of the parameters and activations (float32, bfloat16, float64 with x64).
+      dtype: of the parameters and the inputs, hence of the activations (float32,
+        bfloat16, float64 with x64).
+      compute_dtype: the layers' ``dtype``: None computes in the dtype of the inputs and
+        parameters (so the float32 copies phipsimu perturbs with 16-bit params compute in
+        float32, docs/conventions.md "Low precision"); ``jnp.bfloat16`` casts every layer's
+        inputs and parameters to bf16 (flax's mixed precision), perturbed points included.
 
     Returns:
       A :class:`Model`.
@@ -340,7 +355,7 @@ def build(
     if n < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
     k_init, k_data, k_drop = jax.random.split(jax.random.key(seed), 3)
-    module = _module(name, cfg, dtype, nnx.Rngs(params=k_init))
+    module = _module(name, cfg, dtype, compute_dtype, nnx.Rngs(params=k_init))
     graphdef, params, state = nnx.split(module, nnx.Param, ...)
     batch = _batch(name, cfg, n, k_data, dtype)
 
@@ -354,10 +369,25 @@ def build(
         logits, new_state = forward(params, state, x, train=True, key=key)
         return cross_entropy(logits, y), new_state
 
+    def apply(params, x):
+        return forward(params, state, x, train=True, key=k_drop)[0]
+
     def loss(params, x, y):
-        return train_loss(params, state, x, y, k_drop)[0]
+        return cross_entropy(apply(params, x), y)
 
     def eval_loss(params, state, x, y):
         return cross_entropy(forward(params, state, x, train=False, key=None)[0], y)
 
-    return Model(name, params, state, batch, loss, train_loss, eval_loss, graphdef, cfg)
+    return Model(
+        name,
+        params,
+        state,
+        batch,
+        loss,
+        train_loss,
+        eval_loss,
+        apply=apply,
+        output_loss=cross_entropy,
+        graphdef=graphdef,
+        config=cfg,
+    )

@@ -345,7 +345,7 @@ def test_bfloat16_agrees_with_float32_within_the_estimates_stderr(name):
     is most of the whole difference, 0.095, against a standard deviation of 0.082);
     ``sharpness`` (trace) by less than the float32 estimate's stderr. With every layer
     pinned to bf16 (``compute_dtype=jnp.bfloat16``) perturbations below bf16's spacing
-    vanish and the ResNet's gradient misses its bound (2.7 standard deviations)."""
+    vanish and the ResNet misses the first bound (4.5 standard deviations off)."""
     low = zoo.build(name, dtype=jnp.bfloat16)
     ref = zoo.build(name)
     params = TREE.tree_map(lambda a: a.astype(jnp.float32), low.params)

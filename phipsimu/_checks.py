@@ -132,7 +132,8 @@ def check_flax(params: Any, name: str = "params") -> None:
     """Raise a clear error for a flax model passed where only its trainable arrays belong:
     a flax module (nnx modules are pytrees whose leaves include the BatchNorm statistics,
     which would be perturbed and trained), an ``nnx.State`` holding variables other than
-    ``nnx.Param``, or a linen ``variables`` dict (``{"params": ..., "batch_stats": ...}``)."""
+    ``nnx.Param`` (and RNG state, held fixed), or a linen ``variables`` dict
+    (``{"params": ..., "batch_stats": ...}``)."""
     if isinstance(params, Mapping) and "params" in params and "batch_stats" in params:
         raise TypeError(
             f"{name}: got a flax linen variables dict with keys {sorted(params)}; pass "
@@ -150,7 +151,9 @@ def check_flax(params: Any, name: str = "params") -> None:
                 "the loss with `nnx.merge(graphdef, params, state)`; for a linen module pass "
                 "variables['params'] (" + FLAX_RECIPE + ")"
             )
-        if _flax_base(node, "Variable") and not _flax_base(node, "Param"):
+        # RNG state (typed keys, integer counts) is never perturbed: held fixed, as any key
+        allowed = _flax_base(node, "Param") or _flax_base(node, "RngState")
+        if _flax_base(node, "Variable") and not allowed:
             raise TypeError(
                 f"{where} an nnx {type(node).__name__}, not an nnx.Param; "
                 "only trainable parameters may be perturbed: split the model with "

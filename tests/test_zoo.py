@@ -112,6 +112,16 @@ def test_loss_returning_batchnorm_statistics_without_has_aux_is_a_clear_error():
     )
     out = jax.eval_shape(lambda p: obj(p, x, key=jax.random.key(0)), params)
     assert TREE.tree_structure(out[1]) == TREE.tree_structure(state)
+    # RNG state next to the params (a module that keeps its dropout Rngs) is held fixed
+    with_rngs = (params, nnx.state(nnx.Dropout(0.1, rngs=nnx.Rngs(0))))
+    obj = phipsimu.sharpness_aware_loss(
+        lambda p, x: loss(p[0], x),
+        phipsimu.measures.trace(),
+        rho=0.05,
+        num_samples=2,
+        has_aux=True,
+    )
+    jax.eval_shape(lambda p: obj(p, x, key=jax.random.key(0)), with_rngs)
 
 
 # ---------------------------------------------------------------- the zoo itself

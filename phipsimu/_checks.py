@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -114,11 +115,60 @@ def check_key(key: Any, name: str = "key") -> None:
     )
 
 
+FLAX_RECIPE = "docs/flax.md"
+
+
+def _flax_base(obj: Any, base: str) -> bool:
+    """Whether ``obj``'s class derives from flax's class named ``base`` (``Module``,
+    ``Variable``, ``Param``), found by name so that phipsimu never imports flax."""
+    return any(c.__name__ == base and c.__module__.startswith("flax.") for c in type(obj).__mro__)
+
+
+def _is_flax_node(obj: Any) -> bool:
+    return _flax_base(obj, "Module") or _flax_base(obj, "Variable")
+
+
+def check_flax(params: Any, name: str = "params") -> None:
+    """Raise a clear error for a flax model passed where only its trainable arrays belong:
+    a flax module (nnx modules are pytrees whose leaves include the BatchNorm statistics,
+    which would be perturbed and trained), an ``nnx.State`` holding variables other than
+    ``nnx.Param`` (and RNG state, held fixed), or a linen ``variables`` dict
+    (``{"params": ..., "batch_stats": ...}``)."""
+    if isinstance(params, Mapping) and "params" in params and "batch_stats" in params:
+        raise TypeError(
+            f"{name}: got a flax linen variables dict with keys {sorted(params)}; pass "
+            "variables['params'] as params and apply the model with "
+            "{'params': params, 'batch_stats': ...} inside the loss (" + FLAX_RECIPE + ")"
+        )
+    nodes = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_flax_node)
+    for path, node in nodes:
+        where = f"{name}: leaf {jax.tree_util.keystr(path)} is" if path else f"{name}: is"
+        if _flax_base(node, "Module"):
+            raise TypeError(
+                f"{where} the flax module {type(node).__name__}, not its "
+                "trainable arrays; split it once with `graphdef, params, state = "
+                "nnx.split(model, nnx.Param, ...)`, pass params, and rebuild the model in "
+                "the loss with `nnx.merge(graphdef, params, state)`; for a linen module pass "
+                "variables['params'] (" + FLAX_RECIPE + ")"
+            )
+        # RNG state (typed keys, integer counts) is never perturbed: held fixed, as any key
+        allowed = _flax_base(node, "Param") or _flax_base(node, "RngState")
+        if _flax_base(node, "Variable") and not allowed:
+            raise TypeError(
+                f"{where} an nnx {type(node).__name__}, not an nnx.Param; "
+                "only trainable parameters may be perturbed: split the model with "
+                "`graphdef, params, state = nnx.split(model, nnx.Param, ...)` and pass "
+                "params, keeping state (e.g. BatchNorm statistics) out (" + FLAX_RECIPE + ")"
+            )
+
+
 def check_params(params: Any, name: str = "params") -> None:
     """Raise a clear error for params leaves that cannot be perturbed and are not plainly
-    fixed: Python floats (which would silently never be perturbed) and non-array leaves such
-    as the functions inside an equinox module. Arrays of any dtype, Python ints and bools
-    pass (non-floating leaves are held fixed)."""
+    fixed: Python floats (which would silently never be perturbed), non-array leaves such
+    as the functions inside an equinox module, and flax models or non-trainable flax state
+    (:func:`check_flax`). Arrays of any dtype, Python ints and bools pass (non-floating
+    leaves are held fixed)."""
+    check_flax(params, name)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         where = jax.tree_util.keystr(path) or "(root)"
         if isinstance(leaf, float):
@@ -135,10 +185,40 @@ def check_params(params: Any, name: str = "params") -> None:
             )
 
 
-def check_scalar_loss(loss_fn: Any, params: Any, args: tuple, name: str = "loss_fn") -> None:
+def describe(out: Any) -> str:
+    """A short description of a function's abstract output: ``float32[]`` for an array, the
+    type and number of arrays for another pytree, never the whole (possibly huge) repr."""
+    if isinstance(out, tuple):
+        return "(" + ", ".join(describe(o) for o in out) + ")"
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return f"{out.dtype}{list(out.shape)}"
+    return f"{type(out).__name__} of {len(jax.tree_util.tree_leaves(out))} arrays"
+
+
+def tuple_loss_message(name: str, out: tuple, has_aux_option: bool) -> str:
+    """The error for a loss that returns a tuple where a scalar is expected."""
+    if has_aux_option:
+        fix = (
+            "if it is (loss, aux), e.g. a flax model's loss and its new BatchNorm "
+            "statistics, pass has_aux=True"
+        )
+    else:
+        fix = (
+            "return the loss alone, e.g. a flax model's loss without its new BatchNorm "
+            "statistics (train mode, statistics dropped)"
+        )
+    return f"{name}: returns a tuple {describe(out)}, not a scalar loss; {fix} ({FLAX_RECIPE})"
+
+
+def check_scalar_loss(
+    loss_fn: Any, params: Any, args: tuple, name: str = "loss_fn", has_aux_option: bool = False
+) -> None:
     """Raise a clear error unless ``loss_fn(params, *args)`` is a real floating-point scalar
-    (checked on shapes only, with ``jax.eval_shape``)."""
+    (checked on shapes only, with ``jax.eval_shape``); a tuple gets a message pointing to
+    ``has_aux=True`` where the caller has that option."""
     out = jax.eval_shape(loss_fn, params, *args)
+    if isinstance(out, tuple):
+        raise ValueError(tuple_loss_message(name, out, has_aux_option))
     shape = getattr(out, "shape", None)
     dtype = getattr(out, "dtype", None)
     if shape != () or dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):

@@ -90,6 +90,7 @@ class Operator:
           mask: which leaves the operator acts on (a pytree of bools or a callable; None for
             every floating-point leaf).
         """
+        _checks.check_flax(params)
         perturbed = _tree.perturbed_leaves(params, mask)
         vs = _tree.active(v, perturbed)
         if batches is None:
@@ -119,6 +120,7 @@ class Operator:
         ``lax.map``); None uses :func:`default_chunk`. Other arguments as in :meth:`matvec`.
         """
         _checks.integer("chunk_size", chunk_size, lo=1, allow_none=True)
+        _checks.check_flax(params)
         perturbed = _tree.perturbed_leaves(params, mask)
         return bind(self, params, args, batches, perturbed, chunk_size).quad(
             _tree.active(v, perturbed)
@@ -127,6 +129,7 @@ class Operator:
     def dense(self, params: PyTree, *args: Any, batches: Any = None, mask: Any = None):
         """The dense ``(d, d)`` matrix over the perturbed coordinates, in ``ravel_pytree``
         order of the perturbed leaves (small d only: d matrix-vector products, d² numbers)."""
+        _checks.check_flax(params)
         perturbed = _tree.perturbed_leaves(params, mask)
         return dense(self, params, args, batches, perturbed)
 

@@ -591,14 +591,17 @@ def sharpness_aware_loss(
         if has_aux:
             out = jax.eval_shape(loss_fn, params, *args)
             if not (isinstance(out, tuple) and len(out) == 2):
-                raise ValueError(f"loss_fn: with has_aux=True must return (loss, aux), got {out!r}")
+                raise ValueError(
+                    f"loss_fn: with has_aux=True must return (loss, aux), got "
+                    f"{_checks.describe(out)}"
+                )
             _checks.check_scalar_loss(lambda *a: loss_fn(*a)[0], params, args)
             base, aux = loss_fn(params, *args)
 
             def value_fn(p):
                 return loss_fn(p, *args)[0]
         else:
-            _checks.check_scalar_loss(loss_fn, params, args)
+            _checks.check_scalar_loss(loss_fn, params, args, has_aux_option=True)
             base = loss_fn(params, *args)
 
             def value_fn(p):

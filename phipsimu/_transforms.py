@@ -174,12 +174,12 @@ def _loss_fn(value_fn: Any, params: PyTree, has_aux: bool) -> Callable[[PyTree],
     out = jax.eval_shape(value_fn, params)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError(f"value_fn: with has_aux=True must return (loss, aux), got {out!r}")
+            raise ValueError(
+                f"value_fn: with has_aux=True must return (loss, aux), got {_checks.describe(out)}"
+            )
         out = out[0]
     elif isinstance(out, tuple):
-        raise ValueError(
-            f"value_fn: returns a tuple {out!r}; if it is (loss, aux) pass has_aux=True"
-        )
+        raise ValueError(_checks.tuple_loss_message("value_fn", out, has_aux_option=True))
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"value_fn: must return a real floating-point scalar loss, got {out!r}")
     return (lambda p: value_fn(p)[0]) if has_aux else value_fn

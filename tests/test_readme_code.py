@@ -4,6 +4,9 @@
 import pathlib
 import re
 
+import jax.numpy as jnp
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Names the README leaves to the reader (the multi-host block's launcher values).
@@ -17,8 +20,8 @@ y_local: Any
 """
 
 
-def python_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def python_blocks(path: str = "README.md") -> list[str]:
+    text = (ROOT / path).read_text(encoding="utf-8")
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
@@ -38,3 +41,16 @@ def test_single_device_readme_blocks_run():
         exec(compile(block, "README.md", "exec"), ns)
     assert float(ns["est"].stderr) >= 0.0
     assert "logdet" in ns and "diag" in ns
+
+
+@pytest.mark.slow  # compiles four small training steps (about 20 CPU-s)
+def test_flax_guide_blocks_run():
+    """docs/flax.md's nnx and linen recipes, in one namespace, in order."""
+    blocks = python_blocks("docs/flax.md")
+    assert len(blocks) >= 6
+    ns: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/flax.md", "exec"), ns)
+    assert int(ns["state"].step) == 1 and bool(jnp.isfinite(ns["loss"]))
+    assert bool(jnp.isfinite(ns["value"])) and float(ns["est"].stderr) > 0.0
+    assert int(ns["optimizer"].step[...]) == 1

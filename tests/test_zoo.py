@@ -178,7 +178,9 @@ def _gnvp_reference(m, params, v, x, y):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", zoo.NAMES)
+# the vit's blocks are the transformer's; the cnn is here for the unrolled strategy (a small
+# program with convolutions, see phipsimu/_execution.py), the resnet18 for the looped one
+@pytest.mark.parametrize("name", [n for n in zoo.NAMES if n != "vit"])
 def test_zoo_through_every_transform_and_estimator(name):
     m = zoo.build(name)
     x, y = m.batch

@@ -120,7 +120,6 @@ HEAVY = {
     "tests/test_curvature.py::test_quadratic_forms_match_dense",
     "tests/test_diagnostics.py::test_invariant_gaussian_flags_a_divergent_integral_on_a_relu_net",
     "tests/test_estimate.py::test_determinant_mc_matches_slogdet",
-    "tests/test_execution.py::test_same_key_same_numbers_under_every_strategy",
     "tests/test_estimate.py::test_sharpness_with_batches_applies_psi_to_full_data_forms",
     "tests/test_invariance.py::TestBiasFreeSquareMLP::test_measures",
     "tests/test_invariance.py::test_property_layer_rescaling_of_random_square_nets",

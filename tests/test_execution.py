@@ -65,32 +65,47 @@ def test_policy_unrolls_convolutions_on_cpu_up_to_the_limits(monkeypatch):
     assert not _execution.unroll_for(4, conv)
 
 
-@pytest.mark.parametrize("measure", ["trace", "frobenius"])
-def test_same_key_same_numbers_under_every_strategy(monkeypatch, measure):
-    # draw i comes from the key and i alone, so the loop shape changes only rounding
+def strategy_results(monkeypatch, measure, configs, estimators):
+    """Per ``(force, chunk)`` configuration: the eq. 10 gradient and, with ``estimators``,
+    ``sharpness`` and ``hessian_trace`` on the conv net, all with the same key."""
     params, x, y = conv_problem()
     key = jax.random.key(3)
     meas = getattr(phipsimu.measures, measure)()
     results = {}
-    # a loop over chunks of 2 (a partial one last), one vmap, and the policy's choice here
-    # (straight-line code: the program has a convolution)
-    for force, chunk in (("loop", 2), ("loop", None), (None, None)):
+    for force, chunk in configs:
         monkeypatch.setattr(_execution, "_FORCE", force)
         objective = phipsimu.sharpness_aware_loss(
             conv_loss, meas, rho=0.1, num_samples=5, chunk_size=chunk
         )
-        grads = jax.jit(jax.grad(objective))(params, x, y, key=key)
-        est = jax.jit(phipsimu.sharpness(conv_loss, meas, num_samples=5, chunk_size=chunk))(
-            params, x, y, key=key
-        )
-        hutch = jax.jit(phipsimu.hessian_trace(conv_loss, num_matvecs=5, chunk_size=chunk))(
-            params, x, y, key=key
-        )
-        results[force, chunk] = (grads, est.value, est.stderr, hutch.value)
-    first = results["loop", 2]
+        out = [jax.jit(jax.grad(objective))(params, x, y, key=key)]
+        if estimators:
+            est = jax.jit(phipsimu.sharpness(conv_loss, meas, num_samples=5, chunk_size=chunk))
+            hutch = phipsimu.hessian_trace(conv_loss, num_matvecs=5, chunk_size=chunk)
+            e = est(params, x, y, key=key)
+            out += [e.value, e.stderr, jax.jit(hutch)(params, x, y, key=key).value]
+        results[force, chunk] = out
+    return results
+
+
+def assert_same(results):
+    first = next(iter(results.values()))
     for name, got in results.items():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(first)):
             # float32 rounding of a gradient, amplified 2/ρ² = 200 times by the term's
             # differences: a few 1e-5 of the leaf's scale (other draws would differ by O(1))
             scale = float(jnp.max(jnp.abs(b)))
             np.testing.assert_allclose(a, b, rtol=0, atol=5e-5 * scale, err_msg=str(name))
+
+
+def test_same_key_same_gradient_looped_or_unrolled(monkeypatch):
+    # draw i comes from the key and i alone, so the loop shape changes only rounding: a loop
+    # over chunks of 2 (a partial one last) against the policy's choice here (straight-line
+    # code: the program has a convolution)
+    assert_same(strategy_results(monkeypatch, "trace", (("loop", 2), (None, None)), False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("measure", ["trace", "frobenius"])
+def test_same_key_same_numbers_under_every_strategy(monkeypatch, measure):
+    configs = (("loop", 2), ("loop", None), ("unroll", 2), (None, None))
+    assert_same(strategy_results(monkeypatch, measure, configs, True))

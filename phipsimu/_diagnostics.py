@@ -23,6 +23,9 @@ PARETO_K_THRESHOLD = 0.7
 #: Fewer tail terms than this and k̂ is not fitted (NaN).
 _MIN_TAIL = 5
 
+#: How many zero-curvature coordinates an estimate names (:func:`null_coordinates`).
+NULL_SLOTS = 8
+
 
 class Status(enum.IntFlag):
     """Bit flags of :attr:`phipsimu.Estimate.status` (an int32 array, 0 = nothing to report).
@@ -56,6 +59,11 @@ class Status(enum.IntFlag):
     #: a search over a range (:func:`phipsimu.pac_bayes_sigma`) ended at one of its ends:
     #: the value is that end, a bound on the answer rather than the answer.
     AT_SEARCH_BOUND = 256
+    #: the measured operator has exact zero rows: ``C eᵢ = 0`` for some perturbed coordinate
+    #: i (a parameter without effect on the loss: an input that is zero in every example, a
+    #: dead unit). Product densities and the determinant then diverge (``DIVERGENT``);
+    #: :attr:`phipsimu.Estimate.null_coordinates` names the coordinates.
+    ZERO_CURVATURE = 512
 
 
 _WORDS = {
@@ -84,12 +92,19 @@ _WORDS = {
     Status.AT_SEARCH_BOUND: (
         "at a search bound: the answer lies outside the searched range, the value is its end"
     ),
+    Status.ZERO_CURVATURE: (
+        "zero curvature: the operator has exact zero rows (parameters without effect on the "
+        "loss), along which a product-density or Lebesgue integral is infinite"
+    ),
 }
 
 
-def describe_status(status: Any) -> list[str]:
+def describe_status(status: Any, null_coordinates: Any = None) -> list[str]:
     """The reasons encoded in a concrete status value, one sentence per flag set (empty when
     the status is 0). Not for use inside ``jit``: pass the returned array out first.
+
+    ``null_coordinates`` (:attr:`phipsimu.Estimate.null_coordinates`, −1 padded) names the
+    zero-curvature coordinates in the ``ZERO_CURVATURE`` sentence.
 
     Example:
       >>> import phipsimu
@@ -97,7 +112,19 @@ def describe_status(status: Any) -> list[str]:
       'singular curvature: the smallest eigenvalue is 0 to working precision'
     """
     flags = Status(int(status))
-    return [text for flag, text in _WORDS.items() if flags & flag]
+    words = []
+    for which, text in _WORDS.items():
+        if not flags & which:
+            continue
+        if which == Status.ZERO_CURVATURE and null_coordinates is not None:
+            idx = [int(i) for i in jax.device_get(null_coordinates).reshape(-1) if i >= 0]
+            more = ", ..." if len(idx) == NULL_SLOTS else ""
+            text += (
+                f"; coordinates {', '.join(map(str, idx))}{more} (flat indices over the "
+                "perturbed leaves, each raveled, in leaf order)"
+            )
+        words.append(text)
+    return words
 
 
 def flag(condition: Any, which: Status) -> jax.Array:
@@ -165,3 +192,10 @@ def _zhang_stephens(x: jax.Array) -> jax.Array:
     k = jnp.mean(jnp.log1p(-theta_hat * x))
     # PSIS's weakly informative prior towards k = 0.5 (10 pseudo-observations)
     return (n * k + 10 * 0.5) / (n + 10)
+
+
+def null_coordinates(zero: list) -> jax.Array:
+    """The flat indices (over the given leaves, each raveled, in order) of the first
+    :data:`NULL_SLOTS` true entries of the boolean leaves ``zero``, padded with −1 (jit-safe)."""
+    flat = jnp.concatenate([jnp.reshape(z, (-1,)) for z in zero])
+    return jnp.nonzero(flat, size=NULL_SLOTS, fill_value=-1)[0].astype(jnp.int32)

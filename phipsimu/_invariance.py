@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phipsimu import _checks, _estimate, _measure, _tree
+from phipsimu import _checks, _diagnostics, _estimate, _measure, _tree
 
 PyTree = Any
 
@@ -301,7 +301,10 @@ class InvarianceReport(NamedTuple):
         ``rtol`` (the same probes gave the same value: invariance sample by sample).
       verdict: one of ``"invariant"``, ``"not invariant"`` (|z| > z_max),
         ``"inconclusive"`` (different, but within z_max standard errors: raise
-        num_samples), ``"loss changed"``, ``"undefined"`` (an estimate is NaN).
+        num_samples), ``"loss changed"``, ``"divergent"`` (an estimate carries
+        ``Status.DIVERGENT``: its integral is provably infinite, so there is no finite
+        measure to compare, however equal the two zeros), ``"undefined"`` (an estimate is
+        NaN).
     """
 
     loss: jax.Array
@@ -477,9 +480,14 @@ def check_invariance(
         vf = None
 
     undefined = any(math.isnan(x) for x in (v0, v1))
+    # two provably infinite integrals (S = 0 at both points) agree, but say nothing about
+    # invariance: the measure is undefined there, and the verdict says so
+    divergent = any(int(e.status) & _diagnostics.Status.DIVERGENT for e in (e0, e1))
     agree = not undefined and (v0 == v1 or abs(ratio - 1.0) <= rtol)
     if not loss_preserved:
         verdict = "loss changed"
+    elif divergent:
+        verdict = "divergent"
     elif undefined:
         verdict = "undefined"
     elif agree:

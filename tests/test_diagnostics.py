@@ -155,3 +155,82 @@ def test_invariant_gaussian_flags_a_divergent_integral_on_a_relu_net():
     loss, x0 = _quadratic([1.0, 2.0, 3.0])
     est = phipsimu.sharpness(loss, measure, num_samples=64)(x0, key=jax.random.key(1))
     assert int(est.status) == 0 and np.isfinite(est.log_value)
+
+
+def _relu_net():
+    keys = jax.random.split(jax.random.key(5), 6)
+    params = [
+        {"w": jax.random.normal(keys[0], (3, 5)), "b": 0.1 * jax.random.normal(keys[1], (5,))},
+        {"w": jax.random.normal(keys[2], (5, 2)), "b": 0.1 * jax.random.normal(keys[3], (2,))},
+    ]
+    return params, jax.random.normal(keys[4], (16, 3)), jax.random.normal(keys[5], (16, 2))
+
+
+def test_divergence_certificate_is_invariant_under_neuron_rescaling():
+    # H has 9 negative eigenvalues (d = 32): the integral is infinite at x and at every
+    # rescaled point. Certified on H, 8 Lanczos steps missed it at rescaled points (status 0
+    # or NOT_VERIFIED_FINITE: ‖D⁻¹HD⁻¹‖ and the tolerance grow with D); on T H T, T = |x|,
+    # the matrix, its Ritz values and the tolerance are the same at every point.
+    params, x, y = _relu_net()
+    measure = phipsimu.measures.invariant_gaussian()
+    fn = jax.jit(
+        phipsimu.sharpness(_relu_loss, measure, num_samples=16, chunk_size=16, check_iterations=8)
+    )
+    rng = np.random.default_rng(0)
+    for trial in range(7):
+        c = np.exp(rng.normal(0.0, 3.0, 5)) if trial else np.ones(5)
+        c = c / np.exp(np.mean(np.log(c)))  # ∏c = 1, so det D = ∏c^(3 + 1 − 2) = 1
+        p = phipsimu.symmetries.rescale_neurons(params, 0, jnp.asarray(c, jnp.float32))
+        est = fn(p, x, y, key=jax.random.key(3))
+        assert est.status & Status.DIVERGENT, (trial, est.reasons())
+        assert float(est.log_value) == -np.inf
+
+
+@pytest.mark.slow
+def test_check_invariance_never_calls_a_divergent_measure_invariant():
+    # both estimates are 0 (DIVERGENT) and agree; the verdict was "invariant"
+    params, x, y = _relu_net()
+    c = jnp.array([4.0, 0.25, 2.0, 0.5, 1.0])
+    rep = phipsimu.check_invariance(
+        _relu_loss,
+        phipsimu.measures.invariant_gaussian(),
+        params,
+        lambda q: phipsimu.symmetries.rescale_neurons(q, 0, c),
+        x,
+        y,
+        key=jax.random.key(3),
+        num_samples=16,
+    )
+    assert rep.estimate.status & Status.DIVERGENT
+    assert rep.loss_preserved and rep.verdict == "divergent" and not rep.invariant
+
+
+def _pixel_loss(x):
+    return (x[1] - 1.0) ** 2 + (x[2] - 2.0) ** 2  # x[0] has no effect: H e₀ = 0
+
+
+def _check_zero_curvature(est, flags):
+    # S = 0 (a finite sample gave log S = −2.96, stable in m, before zero rows were read)
+    assert float(est.log_value) == -np.inf and float(est.value) == 0.0
+    assert est.status & (flags | Status.ZERO_CURVATURE) == flags | Status.ZERO_CURVATURE
+    assert est.null_coordinates.tolist() == [0] + [-1] * 7
+    assert "coordinates 0 " in est.reasons()[-1]
+
+
+def test_a_parameter_without_effect_makes_invariant_gaussian_diverge():
+    fn = phipsimu.sharpness(_pixel_loss, phipsimu.measures.invariant_gaussian(), num_samples=64)
+    _check_zero_curvature(fn(jnp.array([1.0, 1.0, 2.0]), key=jax.random.key(0)), Status.DIVERGENT)
+
+
+@pytest.mark.slow
+def test_a_parameter_without_effect_in_the_determinant_and_the_dense_reference():
+    x = jnp.array([1.0, 1.0, 2.0])
+    det = phipsimu.sharpness(_pixel_loss, phipsimu.measures.determinant(), num_samples=64)
+    _check_zero_curvature(det(x, key=jax.random.key(0)), Status.SINGULAR | Status.DIVERGENT)
+    dense = phipsimu.exact_sharpness(_pixel_loss, phipsimu.measures.invariant_gaussian())
+    _check_zero_curvature(dense(x, key=jax.random.key(0)), Status.DIVERGENT)
+    # a measure on the sphere is finite there: no certificate, nothing to report
+    est = phipsimu.sharpness(_pixel_loss, phipsimu.measures.trace(), num_samples=64)(
+        x, key=jax.random.key(0)
+    )
+    assert int(est.status) == 0 and est.null_coordinates is None

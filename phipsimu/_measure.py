@@ -239,10 +239,12 @@ class Estimate(NamedTuple):
         from a jitted function).
       pareto_k: the generalised-Pareto shape k̂ fitted to the largest Monte Carlo terms
         ``|w_i ψ_i|`` (Pareto-smoothed importance sampling; for a vector ψ the terms are
-        linearised through φ). Below 0.5 the stderr is reliable; above
-        :data:`phipsimu.PARETO_K_THRESHOLD` = 0.7 the estimate and its stderr are not to be
-        trusted (``Status.HEAVY_TAILED``). NaN when not fitted: fewer than 25 samples, a
-        closed form, a flat tail, or non-finite terms.
+        linearised through φ). Below 0.5 the stderr is reliable; above PSIS's sample-size
+        threshold ``min(1 − 1/log₁₀ m, 0.7)`` (0.45 at m = 64; the cap is
+        :data:`phipsimu.PARETO_K_THRESHOLD`) the estimate and its stderr are not to be
+        trusted (``Status.HEAVY_TAILED``, which sharpness measures also set when
+        ``m < 25·g₁²``, g₁ the terms' skewness, Cochran's rule, at any m). NaN when not
+        fitted: fewer than 25 samples, a closed form, a flat tail, or non-finite terms.
       status: int32 bit flags (:class:`phipsimu.Status`; 0 = nothing to report) saying why a
         value is NaN, 0 or −inf, or why it is not to be trusted. Jit-safe (an array);
         :meth:`reasons` puts a concrete status into words.
@@ -250,6 +252,11 @@ class Estimate(NamedTuple):
         densities), the flat indices (over the perturbed leaves, each raveled, in leaf
         order) of up to 8 coordinates i with ``C eᵢ = 0`` exactly (``Status.ZERO_CURVATURE``),
         padded with −1; None for other estimates.
+      damping_share: for :func:`phipsimu.log_determinant` with damping δ > 0, the share of
+        the spectrum's weight below δ (the Ritz values' quadrature weights, averaged over
+        probes): over that share of the d terms ``log(λ + δ)`` is within log 2 of
+        ``log δ``, i.e. set by the damping. Above 0.5, ``Status.DAMPING_DOMINATED``. None
+        for other estimates.
     """
 
     value: Any
@@ -260,13 +267,14 @@ class Estimate(NamedTuple):
     pareto_k: jax.Array
     status: jax.Array
     null_coordinates: Any = None
+    damping_share: Any = None
 
     def reasons(self) -> list[str]:
         """The status in words, one sentence per flag (empty when the status is 0); the
         zero-curvature sentence names the coordinates.
 
         Call it on a concrete estimate (outside ``jit``)."""
-        return _diagnostics.describe_status(self.status, self.null_coordinates)
+        return _diagnostics.describe_status(self.status, self.null_coordinates, self.damping_share)
 
     @property
     def ok(self) -> jax.Array:
@@ -353,7 +361,9 @@ def reduce(
     importance-sampled and the ESS shows how well the proposal matches the integrand). The
     Pareto k̂ is fitted to the largest ``|w_i ψ(t_i)|`` (linearised through φ for a vector ψ);
     ``status`` gets ``NONFINITE_LOSS`` (a non-finite t), ``NOT_POSITIVE_DEFINITE`` (a t <= 0
-    for a measure that needs a positive definite H) and ``HEAVY_TAILED`` (k̂ > 0.7).
+    for a measure that needs a positive definite H) and ``HEAVY_TAILED`` (k̂ above
+    ``min(1 − 1/log₁₀ m, 0.7)``, or ``m < 25·g₁²`` with g₁ the terms' skewness: see
+    :func:`phipsimu._diagnostics.heavy_tailed`).
 
     Args:
       measure: the (φ, ψ, μ) triple.
@@ -383,9 +393,7 @@ def reduce(
         slope = jax.grad(lambda s: measure.apply_log_phi(s, d))(log_mean)
         stderr_log = jnp.abs(slope) * rel
         k = _diagnostics.pareto_k(ell)
-        status = status | _diagnostics.flag(
-            k > _diagnostics.PARETO_K_THRESHOLD, Status.HEAVY_TAILED
-        )
+        status = status | _diagnostics.flag(_diagnostics.heavy_tailed(z, k), Status.HEAVY_TAILED)
         # ψ > 0 here, so w·ψ are the importance weights of the target measure ψ dμ: their
         # ESS shows how well the proposal matches the integrand, not just μ.
         return Estimate(value, value * stderr_log, log_value, ess(ell), m, k, status)
@@ -409,7 +417,7 @@ def reduce(
     lin = jnp.reshape(y, (m, -1)) @ jnp.reshape(grad, (-1,))
     stderr = std_mean(lin)
     k = _diagnostics.pareto_k(jnp.log(jnp.abs(lin)))
-    status = status | _diagnostics.flag(k > _diagnostics.PARETO_K_THRESHOLD, Status.HEAVY_TAILED)
+    status = status | _diagnostics.flag(_diagnostics.heavy_tailed(lin, k), Status.HEAVY_TAILED)
     return Estimate(value, stderr, log_value, ess(log_weight), m, k, status)
 
 

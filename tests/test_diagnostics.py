@@ -234,3 +234,40 @@ def test_a_parameter_without_effect_in_the_determinant_and_the_dense_reference()
         x, key=jax.random.key(0)
     )
     assert int(est.status) == 0 and est.null_coordinates is None
+
+
+def test_heavy_tail_flags_mark_the_keys_whose_intervals_fail_at_small_m():
+    # eigen_moment(4) on H = diag(10, 1, ..., 1), d = 20, m = 16: (vᵀHv)⁴ is strongly
+    # right-skewed (one spike), 0.64 of 400 keys cover the closed form; no k̂ is fitted below
+    # m = 25, so every key had status 0. Cochran's m >= 25·g₁² rule must mark the failing
+    # keys: covered-or-flagged >= 0.93 on 64 fixed keys (binomial sd 0.03 at 0.95).
+    h = np.ones(20)
+    h[0] = 10.0
+    loss = lambda x: 0.5 * jnp.sum(jnp.asarray(h, jnp.float32) * x**2)  # noqa: E731
+    t1, t2, t3, t4 = (np.sum(h**k) for k in (1, 2, 3, 4))
+    # E_sphere[(vᵀHv)⁴]: the Gaussian moment from the cumulants (t₁, 2t₂, 8t₃, 48t₄)
+    exact = (t1**4 + 12 * t1**2 * t2 + 32 * t1 * t3 + 12 * t2**2 + 48 * t4) / (20 * 22 * 24 * 26)
+    fn = phipsimu.sharpness(loss, phipsimu.measures.eigen_moment(4), num_samples=16, chunk_size=16)
+    keys = jax.random.split(jax.random.key(11), 64)
+    est = jax.jit(jax.vmap(lambda k: fn(jnp.ones(20), key=k)))(keys)
+    covered = np.abs(np.asarray(est.value) - exact) <= 1.96 * np.asarray(est.stderr)
+    flagged = (np.asarray(est.status) & Status.HEAVY_TAILED) != 0
+    assert covered.mean() < 0.8  # the case is hard: without flags it would fail
+    assert (covered | flagged).mean() >= 0.93, ((covered | flagged).mean(), flagged.mean())
+
+
+def test_a_damping_dominated_log_determinant_says_so():
+    # 8 of 10 eigenvalues are 1e-3 < δ = 0.1: log det(H + δI) ≈ 8·log 0.1 + log 2.1 + log 3.1,
+    # 80% of it the damping's. Rademacher probes on a diagonal H give quadrature weights 1/d
+    # on every eigenvalue (n = d steps: exact), so the share below δ is 0.8 exactly.
+    loss, x = _quadratic([1e-3] * 8 + [2.0, 3.0])
+    fn = phipsimu.log_determinant(loss, damping=0.1, num_samples=2, num_iterations=10)
+    est = fn(x, key=jax.random.key(0))
+    np.testing.assert_allclose(est.value, 8 * np.log(0.101) + np.log(2.1 * 3.1), rtol=1e-4)
+    np.testing.assert_allclose(est.damping_share, 0.8, rtol=1e-4)
+    assert est.status & Status.DAMPING_DOMINATED and "0.800" in est.reasons()[-1]
+    # δ below every eigenvalue: none of it is the damping's
+    est = phipsimu.log_determinant(loss, damping=1e-4, num_samples=2, num_iterations=10)(
+        x, key=jax.random.key(0)
+    )
+    assert float(est.damping_share) == 0.0 and not est.status & Status.DAMPING_DOMINATED

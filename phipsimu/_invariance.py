@@ -4,7 +4,8 @@ diagonal rescaling, and ``check_invariance``, which compares a measure at x and 
 Theory (docs/conventions.md, sections "Theorem 1" and "Adaptive metric"): if ``L(Dx) = L(x)`` for a
 positive diagonal D then ``H(Dx) = D⁻¹H(x)D⁻¹``. Measures with a product density μ
 (``invariant_gaussian``, the determinant) are invariant when det D = 1; adaptive measures
-(``adaptive=True``) for every D; the trace and λ_max in general for none.
+(``adaptive=True``) for every D when ``eta = 0`` (with ``eta > 0`` only approximately: the
+metric ``|x| + eta`` does not scale with D); the trace and λ_max in general for none.
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ def volume_factor(
     D is read off as ``transform(ones)`` and checked against ``transform(params) = D·params``.
     Theorem 1 applies when ``det D = 1`` over the perturbed coordinates (the ones in the
     measure's ``mask``); otherwise ``det H(Dx) = det(H(x)) / det(D)²`` and product-density
-    measures change, while adaptive measures (``adaptive=True``) do not.
+    measures change, while adaptive measures (``adaptive=True``) do not when ``eta = 0``
+    (with ``eta > 0`` they change too, by an amount that grows with eta and with D).
 
     .. math:: \\log|\\det D| = \\sum_i \\log|D_{ii}|
 

@@ -95,7 +95,9 @@ def sharpness(
         (HVPs; n dataset sweeps with ``batches``) on the measured operator (H, or
         ``T_x H T_x`` with ``adaptive``; for product densities without ``adaptive``,
         ``T H T`` with ``T = max(|x|, eps)``, which has H's inertia and is the same matrix at
-        every rescaled point, so the verdict is rescaling-invariant), plus one product that
+        every rescaled point, so the verdict is rescaling-invariant; a coordinate with
+        ``|x| <= eps``, such as a bias initialised at 0, makes it nearly singular and the
+        value then carries ``SINGULAR | NOT_VERIFIED_FINITE``), plus one product that
         finds exact zero rows (``Status.ZERO_CURVATURE``, which makes the determinant and
         product densities diverge). The Ritz values θ, against ``10·n·eps·max|θ|``,
         decide NaN (indefinite), 0 / −inf (singular, or a provably divergent integral) or

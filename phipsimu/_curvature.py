@@ -825,7 +825,12 @@ def adaptive_metric(params: PyTree, eta: Any, perturbed: _tree.Perturbed) -> lis
 
 def metric_bound(bound: Bound, params: PyTree, eta: Any, perturbed: _tree.Perturbed) -> Bound:
     """``bound`` in the adaptive metric: the operator ``T_x C T_x`` (``T_x = |x| + eta``)."""
-    t = adaptive_metric(params, eta, perturbed)
+    return congruence(bound, adaptive_metric(params, eta, perturbed))
+
+
+def congruence(bound: Bound, t: list) -> Bound:
+    """The operator ``T C T`` for the diagonal ``T`` given as leaves aligned with the
+    perturbed ones (the adaptive metric, or the invariant certificate's ``max(|x|, eps)``)."""
 
     def scaled(vs: list) -> list:
         return [(v * ti).astype(v.dtype) for v, ti in zip(vs, t)]

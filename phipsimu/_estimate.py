@@ -6,6 +6,7 @@ Reference: Definition 1 of Tahmasebi et al.; docs/conventions.md, "Definition 1"
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -92,7 +93,13 @@ def sharpness(
       check_iterations: for measures whose integral needs a positive definite H (the
         determinant) or may diverge otherwise (``invariant_gaussian``), Lanczos steps n
         (HVPs; n dataset sweeps with ``batches``) on the measured operator (H, or
-        ``T_x H T_x`` with ``adaptive``). The Ritz values θ, against ``10·n·eps·max|θ|``,
+        ``T_x H T_x`` with ``adaptive``; for product densities without ``adaptive``,
+        ``T H T`` with ``T = max(|x|, eps)``, which has H's inertia and is the same matrix at
+        every rescaled point, so the verdict is rescaling-invariant; a coordinate with
+        ``|x| <= eps``, such as a bias initialised at 0, makes it nearly singular and the
+        value then carries ``SINGULAR | NOT_VERIFIED_FINITE``), plus one product that
+        finds exact zero rows (``Status.ZERO_CURVATURE``, which makes the determinant and
+        product densities diverge). The Ritz values θ, against ``10·n·eps·max|θ|``,
         decide NaN (indefinite), 0 / −inf (singular, or a provably divergent integral) or
         the Monte Carlo value, and set ``Estimate.status``; θ_min also sets the
         determinant's proposal scale when ``scale=None`` and proves infinite variance for a
@@ -149,7 +156,12 @@ def sharpness(
             # a Lanczos block of one vector is a plain vmap whatever the chunk size
             n = min(check_iterations, d)
             start = _mu.gaussian(mask=sampler.mask).draw(jax.random.fold_in(key, 1), params, 1)
-            theta, tol = _krylov.ritz_certificate(measured, start.active(), n, dtype)
+            certified = measured
+            if measure.may_diverge and not adaptive:
+                certified = _curvature.congruence(bound, _invariant_metric(params, sampler))
+            theta, tol = _krylov.ritz_certificate(certified, start.active(), n, dtype)
+            # exact zero rows: (Cg)ᵢ = 0 for a Gaussian g only if C eᵢ = 0 (almost surely)
+            zero = [w[0] == 0 for w in certified.matvec(start.active())]
         # the measure's own proposal scale, tuned from the check when it asks for one
         scale: Any = None
         rescale = False
@@ -185,9 +197,26 @@ def sharpness(
             # T_x H T_x is singular wherever a perturbed coordinate is 0, whatever H is
             x = _tree.active(params, perturbed)
             singular = singular | jnp.any(jnp.stack([jnp.any(xi == 0) for xi in x]))
-        return measure.certify(est, theta, tol, singular, params=params, scale=scale)
+        return measure.certify(est, theta, tol, singular, params=params, scale=scale, zero=zero)
 
     return _execution.eager_jit(estimate)
+
+
+def _invariant_metric(params: PyTree, sampler: Any) -> list:
+    """``T = max(|x|, eps)`` on the perturbed leaves (eps: the product density's floor).
+
+    The divergence certificate of a product density runs on ``T H T``: for a positive
+    diagonal D with ``L(Dx) = L(x)``, ``T_{Dx} H(Dx) T_{Dx} = T_x H(x) T_x`` (where
+    ``|x| >= eps``), so its Ritz values from the same start vector, and their tolerance
+    ``10·n·eps·max|θ|``, are the same at x and at every rescaled point; by Sylvester's law of
+    inertia (T is invertible) it has as many negative and zero eigenvalues as H. On H itself
+    the norm, the tolerance and the Krylov space change with D (docs/conventions.md,
+    "Product-density integrals")."""
+    eps = getattr(sampler, "eps", _mu.DEFAULT_EPS)
+    return [
+        jnp.maximum(jnp.abs(x), jnp.asarray(eps, x.dtype)).astype(x.dtype)
+        for x in _tree.active(params, sampler.perturbed(params))
+    ]
 
 
 @_execution.cached_factory
@@ -286,9 +315,17 @@ def exact_sharpness(
         q = jnp.einsum("id,de,ie->i", vmat, h, vmat)
         est = _measure.reduce(measure, q.astype(draw.log_weight.dtype), draw.log_weight, d)
         if measure.may_diverge:
-            eigs = jnp.linalg.eigvalsh(h).astype(est.value.dtype)
+            c = h
+            if not adaptive:  # the invariant certificate's T H T, as in sharpness
+                t = ravel_pytree(_invariant_metric(params, measure.mu))[0].astype(h.dtype)
+                c = t[:, None] * h * t[None, :]
+            eigs = jnp.linalg.eigvalsh(c).astype(est.value.dtype)
             tol = d * jnp.finfo(eigs.dtype).eps * jnp.max(jnp.abs(eigs))
-            est = measure.certify(est, eigs, tol, jnp.abs(eigs[0]) <= tol, params=params)
+            rows = jnp.all(c == 0, axis=1)
+            sizes = [int(jnp.size(x)) for x in _tree.active(params, perturbed)]
+            zero = list(jnp.split(rows, list(itertools.accumulate(sizes))[:-1]))
+            singular = jnp.abs(eigs[0]) <= tol
+            est = measure.certify(est, eigs, tol, singular, params=params, zero=zero)
         return _measure.nonfinite(est, nonfinite)
 
     return _execution.eager_jit(evaluate)

@@ -4,7 +4,8 @@ diagonal rescaling, and ``check_invariance``, which compares a measure at x and 
 Theory (docs/conventions.md, sections "Theorem 1" and "Adaptive metric"): if ``L(Dx) = L(x)`` for a
 positive diagonal D then ``H(Dx) = D⁻¹H(x)D⁻¹``. Measures with a product density μ
 (``invariant_gaussian``, the determinant) are invariant when det D = 1; adaptive measures
-(``adaptive=True``) for every D; the trace and λ_max in general for none.
+(``adaptive=True``) for every D when ``eta = 0`` (with ``eta > 0`` only approximately: the
+metric ``|x| + eta`` does not scale with D); the trace and λ_max in general for none.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phipsimu import _checks, _estimate, _measure, _tree
+from phipsimu import _checks, _diagnostics, _estimate, _measure, _tree
 
 PyTree = Any
 
@@ -238,7 +239,8 @@ def volume_factor(
     D is read off as ``transform(ones)`` and checked against ``transform(params) = D·params``.
     Theorem 1 applies when ``det D = 1`` over the perturbed coordinates (the ones in the
     measure's ``mask``); otherwise ``det H(Dx) = det(H(x)) / det(D)²`` and product-density
-    measures change, while adaptive measures (``adaptive=True``) do not.
+    measures change, while adaptive measures (``adaptive=True``) do not when ``eta = 0``
+    (with ``eta > 0`` they change too, by an amount that grows with eta and with D).
 
     .. math:: \\log|\\det D| = \\sum_i \\log|D_{ii}|
 
@@ -301,7 +303,10 @@ class InvarianceReport(NamedTuple):
         ``rtol`` (the same probes gave the same value: invariance sample by sample).
       verdict: one of ``"invariant"``, ``"not invariant"`` (|z| > z_max),
         ``"inconclusive"`` (different, but within z_max standard errors: raise
-        num_samples), ``"loss changed"``, ``"undefined"`` (an estimate is NaN).
+        num_samples), ``"loss changed"``, ``"divergent"`` (an estimate carries
+        ``Status.DIVERGENT``: its integral is provably infinite, so there is no finite
+        measure to compare, however equal the two zeros), ``"undefined"`` (an estimate is
+        NaN).
     """
 
     loss: jax.Array
@@ -477,9 +482,14 @@ def check_invariance(
         vf = None
 
     undefined = any(math.isnan(x) for x in (v0, v1))
+    # two provably infinite integrals (S = 0 at both points) agree, but say nothing about
+    # invariance: the measure is undefined there, and the verdict says so
+    divergent = any(int(e.status) & _diagnostics.Status.DIVERGENT for e in (e0, e1))
     agree = not undefined and (v0 == v1 or abs(ratio - 1.0) <= rtol)
     if not loss_preserved:
         verdict = "loss changed"
+    elif divergent:
+        verdict = "divergent"
     elif undefined:
         verdict = "undefined"
     elif agree:

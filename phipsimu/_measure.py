@@ -114,20 +114,38 @@ class Measure:
         *,
         params: Any,
         scale: Any = None,
+        zero: list | None = None,
     ) -> Estimate:
         """``est`` judged by the measure's own failure modes, from the ascending eigenvalues
         or Ritz values θ of the measured operator (within ``tol`` of 0: rounding), whether it
-        is ``singular``, and the proposal ``scale`` (docs/conventions.md, "Diagnostics").
+        is ``singular``, the proposal ``scale`` and ``zero``, boolean leaves aligned with the
+        perturbed ones that mark the exact zero rows of the operator (docs/conventions.md,
+        "Diagnostics").
 
         * A determinant (``requires_positive_definite``): NaN when H is indefinite, 0 / −inf
-          with ``SINGULAR | DIVERGENT`` when singular, ``INFINITE_VARIANCE`` when the
-          Lebesgue proposal is too narrow for the smallest eigenvalue.
+          with ``SINGULAR | DIVERGENT`` when singular or with a zero row,
+          ``INFINITE_VARIANCE`` when the Lebesgue proposal is too narrow for the smallest
+          eigenvalue.
         * A product density (``may_diverge``): 0 / −inf with ``DIVERGENT`` when H has more
-          negative eigenvalues than the sampler has groups, ``NOT_VERIFIED_FINITE`` when it
-          is indefinite or singular without that proof.
+          negative eigenvalues than the sampler has groups, or a zero row in a group of two
+          or more coordinates; ``NOT_VERIFIED_FINITE`` when it is indefinite or singular
+          without that proof.
         * Any other measure: ``est`` as it is.
+
+        Zero rows set ``Status.ZERO_CURVATURE`` and ``Estimate.null_coordinates``.
         """
+        if zero is not None:
+            est = est._replace(
+                status=est.status
+                | _diagnostics.flag(
+                    jnp.any(jnp.stack([jnp.any(z) for z in zero])), Status.ZERO_CURVATURE
+                ),
+                null_coordinates=_diagnostics.null_coordinates(zero),
+            )
         if self.requires_positive_definite:
+            if zero is not None:
+                # C eᵢ = 0: ∫exp(−½vᵀCv)dv is constant along vᵢ, infinite; det C = 0
+                singular = singular | jnp.any(jnp.stack([jnp.any(z) for z in zero]))
             est = _certify_definite(est, theta[0] < -tol, singular)
             if scale is None:
                 return est
@@ -137,8 +155,17 @@ class Measure:
             return est._replace(status=est.status | flag)
         if self.may_diverge:
             mu: Any = self.mu  # a product density: the only sampler with groups
-            groups = len(mu.group_index(params, mu.perturbed(params))[1])
-            return _certify_finite(est, theta, tol, singular, groups)
+            index, sizes = mu.group_index(params, mu.perturbed(params))
+            null = jnp.zeros((), bool)
+            if zero is not None:
+                # C eᵢ = 0 with i in a group g of >= 2 coordinates: integrating f over vᵢ
+                # leaves c/|∏_{j∈g, j≠i} vⱼ|, not integrable at vⱼ = 0 (docs/conventions.md,
+                # "Product-density integrals"); a singleton group integrates to a constant
+                shared = [jnp.asarray(sizes[i] >= 2) for i in index if i is not None]
+                null = jnp.any(
+                    jnp.stack([jnp.any(z.reshape(-1) & g) for z, g in zip(zero, shared)])
+                )
+            return _certify_finite(est, theta, tol, singular, len(sizes), null)
         return est
 
     def is_linear(self) -> bool:
@@ -212,13 +239,24 @@ class Estimate(NamedTuple):
         from a jitted function).
       pareto_k: the generalised-Pareto shape k̂ fitted to the largest Monte Carlo terms
         ``|w_i ψ_i|`` (Pareto-smoothed importance sampling; for a vector ψ the terms are
-        linearised through φ). Below 0.5 the stderr is reliable; above
-        :data:`phipsimu.PARETO_K_THRESHOLD` = 0.7 the estimate and its stderr are not to be
-        trusted (``Status.HEAVY_TAILED``). NaN when not fitted: fewer than 25 samples, a
-        closed form, a flat tail, or non-finite terms.
+        linearised through φ). Below 0.5 the stderr is reliable; above PSIS's sample-size
+        threshold ``min(1 − 1/log₁₀ m, 0.7)`` (0.45 at m = 64; the cap is
+        :data:`phipsimu.PARETO_K_THRESHOLD`) the estimate and its stderr are not to be
+        trusted (``Status.HEAVY_TAILED``, which sharpness measures also set when
+        ``m < 25·g₁²``, g₁ the terms' skewness, Cochran's rule, at any m). NaN when not
+        fitted: fewer than 25 samples, a closed form, a flat tail, or non-finite terms.
       status: int32 bit flags (:class:`phipsimu.Status`; 0 = nothing to report) saying why a
         value is NaN, 0 or −inf, or why it is not to be trusted. Jit-safe (an array);
         :meth:`reasons` puts a concrete status into words.
+      null_coordinates: for measures that certify their integral (the determinant, product
+        densities), the flat indices (over the perturbed leaves, each raveled, in leaf
+        order) of up to 8 coordinates i with ``C eᵢ = 0`` exactly (``Status.ZERO_CURVATURE``),
+        padded with −1; None for other estimates.
+      damping_share: for :func:`phipsimu.log_determinant` with damping δ > 0, the share of
+        the spectrum's weight below δ (the Ritz values' quadrature weights, averaged over
+        probes): over that share of the d terms ``log(λ + δ)`` is within log 2 of
+        ``log δ``, i.e. set by the damping. Above 0.5, ``Status.DAMPING_DOMINATED``. None
+        for other estimates.
     """
 
     value: Any
@@ -228,12 +266,15 @@ class Estimate(NamedTuple):
     num_samples: int
     pareto_k: jax.Array
     status: jax.Array
+    null_coordinates: Any = None
+    damping_share: Any = None
 
     def reasons(self) -> list[str]:
-        """The status in words, one sentence per flag (empty when the status is 0).
+        """The status in words, one sentence per flag (empty when the status is 0); the
+        zero-curvature sentence names the coordinates.
 
         Call it on a concrete estimate (outside ``jit``)."""
-        return _diagnostics.describe_status(self.status)
+        return _diagnostics.describe_status(self.status, self.null_coordinates, self.damping_share)
 
     @property
     def ok(self) -> jax.Array:
@@ -320,7 +361,9 @@ def reduce(
     importance-sampled and the ESS shows how well the proposal matches the integrand). The
     Pareto k̂ is fitted to the largest ``|w_i ψ(t_i)|`` (linearised through φ for a vector ψ);
     ``status`` gets ``NONFINITE_LOSS`` (a non-finite t), ``NOT_POSITIVE_DEFINITE`` (a t <= 0
-    for a measure that needs a positive definite H) and ``HEAVY_TAILED`` (k̂ > 0.7).
+    for a measure that needs a positive definite H) and ``HEAVY_TAILED`` (k̂ above
+    ``min(1 − 1/log₁₀ m, 0.7)``, or ``m < 25·g₁²`` with g₁ the terms' skewness: see
+    :func:`phipsimu._diagnostics.heavy_tailed`).
 
     Args:
       measure: the (φ, ψ, μ) triple.
@@ -350,9 +393,7 @@ def reduce(
         slope = jax.grad(lambda s: measure.apply_log_phi(s, d))(log_mean)
         stderr_log = jnp.abs(slope) * rel
         k = _diagnostics.pareto_k(ell)
-        status = status | _diagnostics.flag(
-            k > _diagnostics.PARETO_K_THRESHOLD, Status.HEAVY_TAILED
-        )
+        status = status | _diagnostics.flag(_diagnostics.heavy_tailed(z, k), Status.HEAVY_TAILED)
         # ψ > 0 here, so w·ψ are the importance weights of the target measure ψ dμ: their
         # ESS shows how well the proposal matches the integrand, not just μ.
         return Estimate(value, value * stderr_log, log_value, ess(ell), m, k, status)
@@ -376,7 +417,7 @@ def reduce(
     lin = jnp.reshape(y, (m, -1)) @ jnp.reshape(grad, (-1,))
     stderr = std_mean(lin)
     k = _diagnostics.pareto_k(jnp.log(jnp.abs(lin)))
-    status = status | _diagnostics.flag(k > _diagnostics.PARETO_K_THRESHOLD, Status.HEAVY_TAILED)
+    status = status | _diagnostics.flag(_diagnostics.heavy_tailed(lin, k), Status.HEAVY_TAILED)
     return Estimate(value, stderr, log_value, ess(log_weight), m, k, status)
 
 
@@ -626,7 +667,8 @@ def invariant_gaussian(
     eps: float = _mu.DEFAULT_EPS,
     mask: Any = None,
 ) -> Measure:
-    """A scale-invariant measure that stays non-degenerate on zero-loss manifolds (Theorem 1).
+    """A scale-invariant measure (Theorem 1), finite on zero-loss manifolds whose null
+    directions are not coordinate axes; 0 (divergent) where a parameter has no effect.
 
     .. math::
        S(x) = \\Big(\\int \\exp\\big(-\\tfrac12 v^\\top H v\\big)\\,
@@ -652,13 +694,27 @@ def invariant_gaussian(
     K the remaining coordinates, and if ``H_KK`` has a negative eigenvalue the integral is
     infinite and S = 0. With G groups that happens for every such K once H has more than G
     negative eigenvalues (Cauchy interlacing), the normal case for a network away from a
-    minimum. :func:`phipsimu.sharpness` runs ``check_iterations`` Lanczos steps and, when
-    the (G+1)-th smallest Ritz value is negative (a proof, since ``θ_k >= λ_k``), returns
-    value 0, ``log_value = −inf`` and ``Status.DIVERGENT``, never a finite Monte Carlo
-    number. When H is indefinite or singular without that proof the integral may be finite
-    or not (on Example 1's manifold H is singular and the integral is finite) and the value
-    comes with ``Status.NOT_VERIFIED_FINITE``. No closed form exists: ``exact_sharpness``
-    estimates it on the dense Hessian (needs a key) with the same check on its eigenvalues.
+    minimum. :func:`phipsimu.sharpness` runs ``check_iterations`` Lanczos steps on
+    ``T H T``, ``T = diag(max(|x|, eps))`` (H's inertia by Sylvester's law, and the same
+    matrix, Ritz values and tolerance at x and at every rescaled point Dx, so the verdict is
+    invariant too) and, when the (G+1)-th smallest Ritz value is negative (a proof, since
+    ``θ_k >= λ_k``), returns value 0, ``log_value = −inf`` and ``Status.DIVERGENT``, never a
+    finite Monte Carlo number. When H is indefinite or singular without that proof the
+    integral may be finite or not (on Example 1's manifold H is singular and the integral is
+    finite) and the value comes with ``Status.NOT_VERIFIED_FINITE``. No closed form exists:
+    ``exact_sharpness`` estimates it on the dense Hessian (needs a key) with the same check
+    on the eigenvalues of ``T H T``.
+
+    Zero curvature along a coordinate: if ``H eᵢ = 0`` (a parameter without effect on the
+    loss: a weight on an input that is zero in every example, a dead unit's weights) and
+    i's group has two or more coordinates, integrating f over vᵢ leaves
+    ``c/|∏_{j≠i} vⱼ|``, which is not integrable: the integral is infinite and S = 0
+    whatever a finite sample says. The estimators find exact zero rows from one extra
+    product with the check's start vector (``(Hg)ᵢ = 0`` for a Gaussian g only if
+    ``H eᵢ = 0``, almost surely) and return 0 / −inf with ``DIVERGENT | ZERO_CURVATURE``,
+    naming the coordinates in ``Estimate.null_coordinates`` and ``reasons()``. So the
+    measure is finite on a zero-loss manifold only where no parameter is idle: mask such
+    parameters out (``mask=``) or drop them from the model.
 
     Args:
       scale: σ of the equivariant proposal. σ = 1 matches Example 1 (ESS ≈ 63% of draws).
@@ -704,7 +760,7 @@ def _certify_definite(est: Estimate, indefinite: jax.Array, singular: jax.Array)
 
 
 def _certify_finite(
-    est: Estimate, theta: jax.Array, tol: Any, singular: jax.Array, groups: int
+    est: Estimate, theta: jax.Array, tol: Any, singular: jax.Array, groups: int, null: Any
 ) -> Estimate:
     """Status and value of a product-density measure from the ascending eigenvalues or Ritz
     values θ of the measured operator (docs/conventions.md, section "Product-density
@@ -715,6 +771,7 @@ def _certify_finite(
     # subspace and the integral is infinite: S = 0. θ_{G+1} < −tol proves it.
     indefinite = theta[0] < -tol
     divergent = theta[groups] < -tol if theta.shape[0] > groups else jnp.zeros((), bool)
+    divergent = divergent | null
     unverified = indefinite | singular
     value = jnp.where(divergent, 0.0, est.value)
     log_value = jnp.where(divergent, -jnp.inf, est.log_value)

@@ -490,6 +490,14 @@ def log_determinant(
     undefined; the Gauss–Newton operator (``phipsimu.curvature.gauss_newton``) is positive
     semi-definite, so ``log det(G + δI)`` is defined for every δ > 0.
 
+    How much of it is the damping's: with δ > 0, ``Estimate.damping_share`` is the share of
+    the spectrum's weight (the Ritz values' quadrature weights, averaged over probes) below
+    δ. Over that share of the d terms ``log(λ + δ)`` lies in ``[log δ, log δ + log 2)``: the
+    damping, not the operator, sets them (a value near ``d·log δ`` has a share near 1). It
+    "dominates" when the share exceeds 0.5 (more than half of the terms are the damping's);
+    the estimate then carries ``Status.DAMPING_DOMINATED``: lower δ, or compare models by
+    quantities that do not count the null space (``top_eigenvalues``, the trace).
+
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar`` (its Hessian H is analysed), or a
         curvature operator from :mod:`phipsimu.curvature` (e.g. ``gauss_newton``).
@@ -536,6 +544,14 @@ def log_determinant(
             | _diagnostics.flag(singular, Status.SINGULAR)
         )
         est = est._replace(value=value, stderr=stderr, log_value=value, status=status)
+        if damping > 0:
+            # the spectrum's weight below δ, where log(λ + δ) ∈ [log δ, log δ + log 2)
+            share = jnp.mean(jnp.sum(tau * (rounded < damping), axis=1))
+            dominated = share > _diagnostics.DAMPING_DOMINATED_SHARE
+            est = est._replace(
+                damping_share=share,
+                status=est.status | _diagnostics.flag(dominated, Status.DAMPING_DOMINATED),
+            )
         # a NaN product (a NaN loss) gives NaN Ritz values, which compare false everywhere
         return _measure.nonfinite(est, ~jnp.all(jnp.isfinite(theta)))
 

@@ -1,6 +1,6 @@
 """Preset (φ, ψ, μ) measures from the paper's Table 1, each with its spectral
-closed form, and ``invariant_gaussian`` (Theorem 1: scale-invariant, non-degenerate on zero-loss
-manifolds)."""
+closed form, and ``invariant_gaussian`` (Theorem 1: scale-invariant; finite on zero-loss
+manifolds where every parameter affects the loss)."""
 
 from phipsimu._measure import (
     determinant,

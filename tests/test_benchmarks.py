@@ -74,3 +74,23 @@ def test_torch_peer_eq10_direction_matches_jax():
     want = [a for layer in jax.grad(objective)(params) for a in (layer["w"], layer["b"])]
     for a, b in zip(want, got):
         np.testing.assert_allclose(b.numpy(), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_coverage_flags_study_runs():
+    """``python -m benchmarks.coverage_flags`` at a tiny size (a smoke run: its numbers at 16
+    keys mean nothing); the full study's numbers are in docs/conventions.md, "Diagnostics"."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = ["--keys", "16", "--num-samples", "32", "--presets", "trace", "eigen_moment_4"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.coverage_flags", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [r[:2] for r in rows] == [["trace", "32"], ["eigen_moment_4", "32"]]
+    assert all(0.0 <= float(r[4]) <= 1.0 for r in rows)  # covered or flagged

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import phipsimu
-from phipsimu import symmetries
+from phipsimu import Status, symmetries
 
 KS = [1.0, 2.0, 4.0, 10.0]
 
@@ -206,8 +206,11 @@ class TestBiasFreeSquareMLP:
     @pytest.mark.parametrize(
         ("measure", "adaptive", "verdict"),
         [
-            (phipsimu.measures.invariant_gaussian(), False, "invariant"),
-            (phipsimu.measures.invariant_gaussian(scale=0.3), False, "invariant"),
+            # H is indefinite here with more negative eigenvalues than groups: the integral
+            # is infinite at both points (S = 0), which is not invariance (it said so before
+            # the divergent verdict)
+            (phipsimu.measures.invariant_gaussian(), False, "divergent"),
+            (phipsimu.measures.invariant_gaussian(scale=0.3), False, "divergent"),
             (phipsimu.measures.trace(), True, "invariant"),
             (phipsimu.measures.trace(), False, "not invariant"),
         ],
@@ -228,6 +231,9 @@ class TestBiasFreeSquareMLP:
         )
         assert rep.loss_preserved and rep.verdict == verdict
         assert abs(float(rep.volume_factor.log_value)) < 1e-5
+        if verdict == "divergent":
+            assert rep.estimate.status & rep.transformed_estimate.status & Status.DIVERGENT
+            assert not rep.invariant
         if verdict == "invariant":
             assert abs(float(rep.ratio) - 1.0) < 1e-4
         if measure.name == "trace" and not adaptive:
@@ -313,7 +319,11 @@ def test_grouped_product_density_on_per_neuron_groups():
         key=jax.random.key(5),
         num_samples=256,
     )
-    assert rep.verdict == "invariant" and abs(float(rep.volume_factor.log_value)) < 1e-5
+    # H has 5 negative eigenvalues and there are 3 groups: the integral is infinite at both
+    # points (S = 0, DIVERGENT); the verdict was "invariant" on the two zeros
+    assert abs(float(rep.volume_factor.log_value)) < 1e-5
+    assert rep.estimate.status == rep.transformed_estimate.status
+    assert rep.estimate.status & Status.DIVERGENT and rep.verdict == "divergent"
 
 
 # ---------------------------------------------------------------- check_invariance: flags

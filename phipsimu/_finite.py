@@ -12,7 +12,7 @@ relationship between sharpness and generalization", ICML 2023 (worst-case and av
 adaptive sharpness); Croce & Hein, "Reliable evaluation of adversarial robustness with an
 ensemble of diverse parameter-free attacks", ICML 2020 (auto-PGD); Jiang, Neyshabur,
 Mobahi, Krishnan & Bengio, "Fantastic generalization measures and where to find them",
-ICLR 2020 (the PAC-Bayes σ search); docs/conventions.md and MATH.md, "Finite-radius
+ICLR 2020 (the PAC-Bayes σ search); docs/conventions.md, section "Finite-radius
 sharpness".
 """
 

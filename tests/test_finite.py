@@ -1,6 +1,6 @@
-"""Finite-radius sharpness against closed forms on quadratics at their minimum (MATH.md,
-"Finite-radius sharpness"), invariance of the adaptive forms under neuron rescaling, the
-dataset path, the status flags, and bad input."""
+"""Finite-radius sharpness against closed forms on quadratics at their minimum
+(docs/conventions.md, section "Finite-radius sharpness"), invariance of the adaptive forms
+under neuron rescaling, the dataset path, the status flags, and bad input."""
 
 import jax
 import jax.numpy as jnp

@@ -334,7 +334,10 @@ def test_damped_gauss_newton_with_a_large_norm_is_never_singular():
         g = np.asarray(ggn.dense(p64, jnp.asarray(x, jnp.float64), y))
     sign, want = np.linalg.slogdet(g + damping * np.eye(g.shape[0]))
     assert sign == 1.0 and np.linalg.norm(g, 2) > 1e4
-    assert int(est.status) == 0, est.reasons()
+    # not SINGULAR; most of this low-rank G's spectrum is below δ, which the estimate says
+    # (DAMPING_DOMINATED, issue 27 item 7) and nothing else
+    dominated = int(phipsimu.Status.DAMPING_DOMINATED)
+    assert int(est.status) == dominated and float(est.damping_share) > 0.5, est.reasons()
     assert np.isfinite(float(est.value))
     assert abs(float(est.value) - want) < 4 * float(est.stderr)
 

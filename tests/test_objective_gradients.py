@@ -268,6 +268,7 @@ MOVING = {
 }
 
 
+@pytest.mark.slow  # fast-suite time; runs in the slow suite
 @pytest.mark.parametrize("name", list(MOVING))
 def test_gradient_through_log_weights_that_depend_on_x(name):
     """jax.grad of the objective against jax.grad of eq. (10) written out with the sampler's

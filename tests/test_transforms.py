@@ -319,6 +319,7 @@ def test_data_parallel_sam_axis_name(sync):
         assert not np.allclose(flat[0], full, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # fast-suite time; runs in the slow suite
 @pytest.mark.parametrize("sync", [True, False])
 def test_data_parallel_sharpness_aware_perturbations(sync):
     """sync=True: every replica draws the same perturbation; sync=False (m-sharpness):

@@ -42,6 +42,23 @@ def _memory(fn: Any, *args: Any) -> int | None:
         return None
 
 
+def _chosen(make: Any) -> tuple[Any, str]:
+    """``make()`` and the strategy the policy chose for its loops while it traced:
+    "unroll" if any loop was unrolled, else "loop"."""
+    seen = []
+    policy = _execution.unroll_for
+
+    def record(num: int, program: Any = None) -> bool:
+        seen.append(policy(num, program))
+        return seen[-1]
+
+    _execution.unroll_for = record
+    try:
+        return make(), "unroll" if any(seen) else "loop"
+    finally:
+        _execution.unroll_for = policy
+
+
 def _forced(strategy: str | None, make: Any) -> Any:
     """``make()`` with the execution strategy forced while it traces (the timer's warm-up
     call traces and compiles, so the choice sticks to the compiled program)."""
@@ -94,8 +111,9 @@ def _model(name: str, size: str, repeats: int) -> list[dict[str, Any]]:
         "probe4_loop": _forced("loop", lambda: probe_timer(4)),
     }
     step_ms = STEP_MS if c.num_params(params) < 5e6 or size == "test" else STEP_MS[:2]
+    chosen = {}
     for m in step_ms:
-        timers[f"eq10_{m}"] = step_timer(eq10(m))
+        timers[f"eq10_{m}"], chosen[m] = _chosen(lambda m=m: step_timer(eq10(m)))
     timers["eq10_4_loop"] = _forced("loop", lambda: step_timer(eq10(4)))
     t = c.interleave(timers, repeats)
 
@@ -132,9 +150,7 @@ def _model(name: str, size: str, repeats: int) -> list[dict[str, Any]]:
                 t["sgd"],
                 m + 1,
                 goal=("<=", 1.2),
-                strategy="unroll"
-                if _execution.unroll_for(m, lambda: _program(loss, params, x, y))
-                else "loop",
+                strategy=chosen[m],
             )
         )
     rows.append(
@@ -185,7 +201,3 @@ def _model(name: str, size: str, repeats: int) -> list[dict[str, Any]]:
         )
     )
     return rows
-
-
-def _program(loss: Any, params: Any, x: Any, y: Any) -> Any:
-    return jax.make_jaxpr(jax.grad(loss))(params, x, y)

@@ -153,24 +153,16 @@ def _model(name: str, size: str, repeats: int) -> list[dict[str, Any]]:
                 strategy=chosen[m],
             )
         )
-    rows.append(
-        c.ratio_figure(
-            "zoo",
-            f"{n}: eq. 10 step, m = 4, `vmap` chunks in a loop / the policy's choice",
-            t["eq10_4_loop"],
-            t["eq10_4"],
-            unit="×",
+    for what, key in (("eq. 10 step", "eq10_4"), ("probe", "probe4")):
+        rows.append(
+            c.ratio_figure(
+                "zoo",
+                f"{n}: {what}, m = 4, `vmap` chunks in a loop / the policy's choice",
+                t[f"{key}_loop"],
+                t[key],
+                unit="×",
+            )
         )
-    )
-    rows.append(
-        c.ratio_figure(
-            "zoo",
-            f"{n}: probe, m = 4, `vmap` chunks in a loop / the policy's choice",
-            t["probe4_loop"],
-            t["probe4"],
-            unit="×",
-        )
-    )
     g = _memory(grad, params, x, y)
     mem = {
         "HVP": _memory(hessian.matvec, params, v, x, y),

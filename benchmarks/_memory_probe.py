@@ -81,7 +81,7 @@ def main(kind: str, m: int) -> None:
         )
         fn, args = step, (params, init(params), x, y)
     elif kind == "frobenius_update":
-        tx = phipsimu.frobenius_sam(rho=RHO, num_samples=m, strength=1.0)
+        tx = phipsimu.frobenius_sam(rho=RHO, num_samples=m, lam=1.0)
         step, init = c.sgd_step(loss, tx, style="value_fn")
         fn, args = step, (params, init(params), x, y)
     else:

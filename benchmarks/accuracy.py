@@ -139,7 +139,7 @@ def run(quick: bool, repeats: int) -> list[dict]:
     for budget in budgets:
         errs = {}
         for method in ("hutchinson", "hutch++", "xtrace"):
-            fn = jax.jit(phipsimu.hessian_trace(loss, num_matvecs=budget, method=method))
+            fn = jax.jit(phipsimu.hessian_trace(loss, num_samples=budget, method=method))
             errs[method] = statistics.median(
                 abs(float(fn(params, x, y, key=jax.random.key(s)).value) - ref) / abs(ref)
                 for s in range(seeds)

@@ -37,7 +37,7 @@ def run(quick: bool, repeats: int) -> list[dict[str, Any]]:
     for m in probe_ms:
         fn = jax.jit(phipsimu.sharpness(loss, trace, num_samples=m))
         timers[f"probe{m}"] = c.timer(lambda p, fn=fn: fn(p, x, y, key=jax.random.key(0)), params)
-    hutch = jax.jit(phipsimu.hessian_trace(loss, num_matvecs=hutch_m))
+    hutch = jax.jit(phipsimu.hessian_trace(loss, num_samples=hutch_m))
     timers["hutchinson"] = c.timer(lambda p: hutch(p, x, y, key=jax.random.key(0)), params)
     # drawing the probes alone (the key is an argument, as in a training loop)
     samplers = {"uniform on the sphere": trace.mu, "Rademacher": phipsimu.mu.rademacher()}

@@ -66,7 +66,8 @@ EVALS = {
     "random_sam": NUM_SAMPLES + 1,
 }
 
-#: (rho, strength) candidates; None where the method has no such parameter
+#: (rho, strength) candidates (for frob_sam the second entry is Frob-SAM's λ, `lam`); None where
+#: the method has no such parameter
 GRIDS = {
     "sgd": [(None, None)],
     "sam": [(0.05, None), (0.1, None), (0.2, None), (0.5, None)],
@@ -159,9 +160,7 @@ def make_tx(method: str, rho, strength, seed, lr: float) -> optax.GradientTransf
             seed=seed,
         )
     elif method == "frob_sam":
-        core = phipsimu.frobenius_sam(
-            rho=rho, strength=strength, num_samples=NUM_SAMPLES, seed=seed
-        )
+        core = phipsimu.frobenius_sam(rho=rho, lam=strength, num_samples=NUM_SAMPLES, seed=seed)
     elif method == "random_sam":
         core = phipsimu.random_sam(rho=rho, num_samples=NUM_SAMPLES, seed=seed)
     else:
@@ -355,13 +354,13 @@ def make_measures(c: dict) -> dict:
     ggn = phipsimu.curvature.gauss_newton(examples.mlp_apply, output_loss)
     adaptive = phipsimu.curvature.linear_operator(_adaptive_matvec)
     m = c["matvecs"]
-    trace = phipsimu.hessian_trace(loss, num_matvecs=m, method="hutch++")
+    trace = phipsimu.hessian_trace(loss, num_samples=m, method="hutch++")
     lmax = phipsimu.top_eigenvalues(loss, 1, num_iterations=c["lanczos"])
     frob = phipsimu.sharpness(loss, phipsimu.measures.frobenius(), num_samples=m)
     logdet = phipsimu.log_determinant(
         ggn, damping=GN_DAMPING, num_samples=c["logdet_probes"], num_iterations=c["lanczos"]
     )
-    a_trace = phipsimu.hessian_trace(adaptive, num_matvecs=m, method="hutch++")
+    a_trace = phipsimu.hessian_trace(adaptive, num_samples=m, method="hutch++")
     a_lmax = phipsimu.top_eigenvalues(adaptive, 1, num_iterations=c["lanczos"])
     inv = phipsimu.sharpness(
         loss, phipsimu.measures.invariant_gaussian(), num_samples=c["invariant_samples"]

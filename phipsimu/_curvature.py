@@ -458,7 +458,7 @@ def linear_operator(
     Example:
       >>> import jax, jax.numpy as jnp, phipsimu
       >>> op = phipsimu.curvature.linear_operator(lambda p, v: 2.0 * v)
-      >>> est = phipsimu.hessian_trace(op, num_matvecs=4)(jnp.ones(3), key=jax.random.key(0))
+      >>> est = phipsimu.hessian_trace(op, num_samples=4)(jnp.ones(3), key=jax.random.key(0))
       >>> float(est.value)
       6.0
     """
@@ -524,7 +524,7 @@ def data_parallel(operator: Any, axis_name: str) -> DataParallel:
       >>> import jax, jax.numpy as jnp, phipsimu
       >>> loss = lambda p, x: jnp.mean((x @ p) ** 2)
       >>> op = phipsimu.curvature.data_parallel(loss, "data")
-      >>> est = phipsimu.hessian_trace(op, num_matvecs=4)
+      >>> est = phipsimu.hessian_trace(op, num_samples=4)
       >>> x = jnp.ones((2, 3, 3))  # two devices, three rows each
       >>> out = jax.vmap(lambda xs: est(jnp.ones(3), xs, key=jax.random.key(0)).value,
       ...                axis_name="data")(x)

@@ -83,6 +83,29 @@ def union_axes(tree: PyTree) -> frozenset:
     return frozenset().union(*map(varying_axes, jax.tree_util.tree_leaves(tree)))
 
 
+def check_whole(params: PyTree, allowed: tuple, name: str = "params") -> None:
+    """Raise a clear error when a floating leaf of ``params`` is typed as varying along a
+    ``shard_map`` axis other than ``allowed`` (the data and sample axes): the leaf was split
+    by hand, so each device would perturb, normalise and draw for its shard alone and the
+    result would silently differ from one device's. Detectable only under ``shard_map``'s
+    default checks (``check_vma=True``)."""
+    keep = {a for a in allowed if a is not None}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            continue
+        extra = sorted(varying_axes(leaf) - keep)
+        if extra:
+            where = jax.tree_util.keystr(path) or "(root)"
+            raise ValueError(
+                f"{name}: leaf {where} is split along the shard_map axis {extra} (typed as "
+                "varying there), so each device would see only its shard; phipsimu perturbs, "
+                "normalises and draws over whole parameters. Shard params with jax.jit and a "
+                "NamedSharding (the compiler partitions them; supported), run the shard_map "
+                "over the data axis only (axis_names={...}), or all_gather the leaf first"
+            )
+
+
 def tracks_varying(axis_name: str) -> bool:
     """Whether JAX tracks varying values along ``axis_name`` (``shard_map`` with its default
     ``check_vma=True``); False under ``pmap``, ``vmap`` and ``shard_map(check_vma=False)``."""

@@ -127,7 +127,7 @@ def _xtrace(op: _curvature.Bound, vs: list) -> jax.Array:
 def hessian_trace(
     loss_fn: _curvature.Curvature,
     *,
-    num_matvecs: int,
+    num_samples: int,
     method: str = "hutchinson",
     probes: str | _mu.Sampler | None = None,
     mask: Any = None,
@@ -135,17 +135,22 @@ def hessian_trace(
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> Callable[..., Estimate]:
-    """``Tr(H)`` with a budget of ``num_matvecs`` Hessian products, by one of three methods.
+    """``Tr(H)`` with a budget of ``num_samples`` Hessian products, by one of three methods.
 
-    * ``"hutchinson"``: ``(1/(c·m)) Σ vᵢᵀHvᵢ`` with ``E[vvᵀ] = c·I``, m = ``num_matvecs``
+    ``num_samples`` is the budget every estimator takes: the number of curvature products
+    (each about one gradient's cost), so the three methods cost the same for the same value.
+    For Hutchinson it is the number of probes; Hutch++ and XTrace spend part of it on a
+    low-rank sketch.
+
+    * ``"hutchinson"``: ``(1/(c·m)) Σ vᵢᵀHvᵢ`` with ``E[vvᵀ] = c·I``, m = ``num_samples``
       quadratic forms (forward-over-forward, about one gradient each). Probes:
       ``"rademacher"`` (default; lowest variance for diagonally dominant H), ``"gaussian"``,
       ``"sphere"``. Error ∝ ``‖H‖_F/√m``.
-    * ``"hutch++"``: ``num_matvecs`` divisible by 3: m/3 products ``HS``, ``Q = orth(HS)``,
+    * ``"hutch++"``: ``num_samples`` divisible by 3: m/3 products ``HS``, ``Q = orth(HS)``,
       m/3 products ``HQ`` for the exact ``Tr(QᵀHQ)``, and Hutchinson with m/3 probes on the
       deflated ``(I−QQᵀ)H(I−QQᵀ)``. Error ∝ ``‖H‖_*/m`` — far lower when a few eigenvalues
       dominate, as in trained networks (Meyer et al. 2021).
-    * ``"xtrace"``: ``num_matvecs`` even: m/2 Gaussian (or sphere) probes used both for the
+    * ``"xtrace"``: ``num_samples`` even: m/2 Gaussian (or sphere) probes used both for the
       low-rank part and, leaving each one out in turn, for the residual; the estimate is the
       mean of the m/2 leave-one-out estimates (Epperly, Tropp & Webber 2024).
 
@@ -157,9 +162,9 @@ def hessian_trace(
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar`` (the trace of its Hessian H), or a
         curvature operator from :mod:`phipsimu.curvature` (e.g. ``gauss_newton``).
-      num_matvecs: the HVP budget (>= 1 for Hutchinson, a multiple of 3 for Hutch++, a
-        multiple of 2 for XTrace; the low-rank methods need ``num_matvecs/3`` resp.
-        ``num_matvecs/2`` at most d).
+      num_samples: the budget m of Hessian products (>= 1 for Hutchinson, a multiple of 3
+        for Hutch++, a multiple of 2 for XTrace; the low-rank methods need ``num_samples/3`` resp.
+        ``num_samples/2`` at most d).
       method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
       probes: for Hutchinson/Hutch++ ``"rademacher"`` (default), ``"gaussian"``, ``"sphere"``;
         XTrace re-spheres, which needs rotation-invariant ``"gaussian"`` (default) or
@@ -171,8 +176,9 @@ def hessian_trace(
         CPU; on GPU/TPU as many as fit ``phipsimu.curvature.ACCELERATOR_CHUNK_BYTES``).
 
     Returns:
-      ``estimate(params, *args, key, batches=None) -> Estimate``; ``num_samples`` is the
-      number of random probes drawn.
+      ``estimate(params, *args, key, batches=None) -> Estimate``; its ``num_samples``
+      attribute is the number of random probes drawn (the budget for Hutchinson, 2m/3 for
+      Hutch++, m/2 for XTrace).
 
     Reference: Hutchinson (1989); Meyer, Musco, Musco & Woodruff (2021), Alg. 1;
     Epperly, Tropp & Webber (2024), Alg. 2.
@@ -182,24 +188,24 @@ def hessian_trace(
     _checks.flag("progress", progress)
     if method not in _TRACE_METHODS:
         raise ValueError(f"method={method!r}: must be one of {_TRACE_METHODS}")
-    _checks.integer("num_matvecs", num_matvecs, lo=1)
-    if method == "hutch++" and (num_matvecs % 3 or num_matvecs < 6):
+    _checks.integer("num_samples", num_samples, lo=1)
+    if method == "hutch++" and (num_samples % 3 or num_samples < 6):
         raise ValueError(
-            f"num_matvecs={num_matvecs}: Hutch++ splits its budget in three equal parts "
+            f"num_samples={num_samples}: Hutch++ splits its budget in three equal parts "
             "(sketch HS, exact HQ, residual probes); use a multiple of 3, at least 6"
         )
-    if method == "xtrace" and (num_matvecs % 2 or num_matvecs < 4):
+    if method == "xtrace" and (num_samples % 2 or num_samples < 4):
         raise ValueError(
-            f"num_matvecs={num_matvecs}: XTrace spends two HVPs per probe (HΩ, then HQ); "
+            f"num_samples={num_samples}: XTrace spends two HVPs per probe (HΩ, then HQ); "
             "use a multiple of 2, at least 4"
         )
     if probes is None:
         probes = "gaussian" if method == "xtrace" else "rademacher"
     probes = _mu.probe_name(probes, ("gaussian", "sphere") if method == "xtrace" else _mu.PROBES)
     num_probes = {
-        "hutchinson": num_matvecs,
-        "hutch++": 2 * num_matvecs // 3,
-        "xtrace": num_matvecs // 2,
+        "hutchinson": num_samples,
+        "hutch++": 2 * num_samples // 3,
+        "xtrace": num_samples // 2,
     }[method]
     sweeps = {"hutchinson": 1, "hutch++": 3, "xtrace": 2}[method]
 
@@ -207,11 +213,11 @@ def hessian_trace(
         def estimate(params: PyTree, *args: Any, key: jax.Array, batches: Any = None):
             draw = _mu.probe_sampler(probes, m).draw(key, params, num_probes)
             d = draw.d
-            low_rank = {"hutch++": num_matvecs // 3, "xtrace": num_matvecs // 2}.get(method, 0)
+            low_rank = {"hutch++": num_samples // 3, "xtrace": num_samples // 2}.get(method, 0)
             if low_rank > d:
                 raise ValueError(
-                    f"num_matvecs={num_matvecs}: {method} would build a rank-{low_rank} sketch "
-                    f"of a d={d} dimensional Hessian; use num_matvecs <= "
+                    f"num_samples={num_samples}: {method} would build a rank-{low_rank} sketch "
+                    f"of a d={d} dimensional Hessian; use num_samples <= "
                     f"{d * (3 if method == 'hutch++' else 2)}"
                 )
             bar = _curvature.progress_bar(progress and batches is not None, sweeps, method)

@@ -42,7 +42,9 @@ step). Params must be replicated along ``axis_name``. They may be sharded along 
 axes that the compiler partitions (``jax.jit`` with a ``NamedSharding``, or ``shard_map``
 over the data axis alone, ``axis_names={"data"}``), where every leaf keeps its full shape;
 not split by hand inside ``shard_map``, where a device sees only its shard of a leaf and
-norms and draws would be those of the shard. The metrics in the state are averaged over
+norms and draws would be those of the shard: under ``shard_map``'s default checks such a
+leaf (typed as varying along another axis) raises a ``ValueError`` naming it; with
+``check_vma=False`` it cannot be detected. The metrics in the state are averaged over
 devices too.
 """
 
@@ -382,6 +384,7 @@ def sharpness_aware(
         del extra_args
         _check_state(state, SharpnessAwareState, "sharpness_aware")
         _check_params(params)
+        _parallel.check_whole(params, (axis_name, sample_axis))
         perturbed = _perturbed(params, mask)
         _check_updates(updates, params, perturbed)
         loss_fn = _loss_fn(value_fn, params, has_aux)
@@ -517,6 +520,7 @@ def sam(
         del extra_args
         _check_state(state, SamState, "sam")
         _check_params(params)
+        _parallel.check_whole(params, (axis_name,))
         perturbed = _perturbed(params, mask)
         _check_updates(updates, params, perturbed)
         loss_fn = _loss_fn(value_fn, params, has_aux)
@@ -570,7 +574,7 @@ def frobenius_sam(
     *,
     rho: float,
     num_samples: int,
-    strength: float,
+    lam: float,
     seed: int = 0,
     antithetic: bool = False,
     axis_name: str | None = None,
@@ -580,20 +584,26 @@ def frobenius_sam(
     skip_nonfinite: bool = True,
     has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """Frob-SAM: add the gradient of ``strength/(2ρ²)·Var_v L(x + ρv)``, v ~ N(0, I).
+    """Frob-SAM: add the gradient of ``λ/(2ρ²)·Var_v L(x + ρv)``, v ~ N(0, I).
 
-    The Frobenius preset in eq. (10) gives ``ρ²·s·½·Var[2(L(x+ρv) − L(x))/ρ²]
-    = (2s/ρ²)·Var_v L(x+ρv)``, so Frob-SAM's λ = ``strength`` maps to ``s = strength/4``.
+    Frob-SAM's weight is its own parameter, ``lam`` (λ), not ``strength``: ``strength`` is s,
+    the weight of the eq. (10) term, in every function that takes it. The Frobenius preset in
+    eq. (10) gives ``ρ²·s·½·Var[2(L(x+ρv) − L(x))/ρ²] = (2s/ρ²)·Var_v L(x+ρv)``, so
+    ``frobenius_sam(lam=λ)`` is ``sharpness_aware(measures.frobenius(), strength=λ/4)``.
     The variance is the unbiased sample variance (needs ``num_samples >= 2``). Its leading
-    term at a minimum is ``strength/4 · ρ² · ‖H‖_F²``. Other arguments as in
-    :func:`sharpness_aware`.
+    term at a minimum is ``λ/4 · ρ² · ‖H‖_F²``.
+
+    Args:
+      rho, num_samples, seed, antithetic, axis_name, sync, sample_axis, mask,
+        skip_nonfinite, has_aux: as in :func:`sharpness_aware`.
+      lam: Frob-SAM's λ >= 0, the weight of ``Var_v L(x + ρv)/(2ρ²)``.
     """
-    _checks.real("strength", strength, lo=0.0, strict=False)
+    _checks.real("lam", lam, lo=0.0, strict=False)
     return sharpness_aware(
         _measure.frobenius(),
         rho=rho,
         num_samples=num_samples,
-        strength=strength / 4.0,
+        strength=lam / 4.0,
         antithetic=antithetic,
         seed=seed,
         axis_name=axis_name,

@@ -45,9 +45,7 @@ def build(kind: str, m: int):
 
         return jax.jit(step), (params, tx.init(params))
     if kind == "frobenius":
-        tx = optax.chain(
-            phipsimu.frobenius_sam(rho=0.05, num_samples=m, strength=1.0), optax.sgd(0.1)
-        )
+        tx = optax.chain(phipsimu.frobenius_sam(rho=0.05, num_samples=m, lam=1.0), optax.sgd(0.1))
 
         def frobenius_step(p, state):
             g = jax.grad(mlp_loss)(p, x, y)

@@ -68,7 +68,7 @@ def transforms(axis_name):
         "trace_adaptive_antithetic": phipsimu.sharpness_aware(
             ms.trace(), adaptive=True, antithetic=True, **kw
         ),
-        "frobenius_sam": phipsimu.frobenius_sam(strength=1.0, **kw),
+        "frobenius_sam": phipsimu.frobenius_sam(lam=1.0, **kw),
         "random_sam": phipsimu.random_sam(**kw),
     }
 
@@ -168,9 +168,9 @@ def estimators(loss_fn, axis_name):
     est = {
         "sharpness frobenius": phipsimu.sharpness(op, ms.frobenius(), num_samples=NUM),
         "sharpness trace": phipsimu.sharpness(op, ms.trace(), num_samples=NUM),
-        "hessian_trace hutchinson": phipsimu.hessian_trace(op, num_matvecs=NUM),
-        "hessian_trace hutch++": phipsimu.hessian_trace(op, num_matvecs=12, method="hutch++"),
-        "hessian_trace xtrace": phipsimu.hessian_trace(op, num_matvecs=NUM, method="xtrace"),
+        "hessian_trace hutchinson": phipsimu.hessian_trace(op, num_samples=NUM),
+        "hessian_trace hutch++": phipsimu.hessian_trace(op, num_samples=12, method="hutch++"),
+        "hessian_trace xtrace": phipsimu.hessian_trace(op, num_samples=NUM, method="xtrace"),
         "hessian_diagonal": phipsimu.hessian_diagonal(op, num_samples=NUM),
         "log_determinant": phipsimu.log_determinant(op, damping=1.0, **krylov),
         "trace_function": phipsimu.trace_function(op, jnp.exp, **krylov),
@@ -470,6 +470,50 @@ def check_fsdp_shard_map(mesh):
             if not u.sharding.is_equivalent_to(p.sharding, u.ndim):
                 raise AssertionError(f"{name}: update sharded as {u.sharding}, not {p.sharding}")
         print(f"ok sync=False {name} model-sharded shardings kept")
+
+    # Params split by hand along the model axis inside shard_map (manual FSDP): each device
+    # would perturb and normalise its shard alone, so every transform and the objective
+    # refuse them with an error naming the leaf (they silently used shard-local norms).
+    def gather(q):
+        return jax.tree_util.tree_map(
+            lambda v, s: (
+                jax.lax.all_gather(v, "model", axis=list(s).index("model"), tiled=True)
+                if "model" in s
+                else v
+            ),
+            q,
+            specs,
+        )
+
+    objective = phipsimu.sharpness_aware_loss(
+        lambda q, x, y: loss(gather(q), x, y),
+        phipsimu.measures.trace(),
+        rho=0.05,
+        num_samples=4,
+        axis_name=AXIS,
+    )
+    cases = {
+        **{
+            name: lambda p, x, y, tx=tx: tx.update(
+                jax.grad(lambda q: loss(gather(q), x, y))(p),
+                tx.init(p),
+                p,
+                value_fn=lambda q: loss(gather(q), x, y),
+            )[0]
+            for name, tx in transforms(AXIS).items()
+        },
+        "objective": lambda p, x, y: jax.grad(objective)(p, x, y, key=jax.random.key(0)),
+    }
+    for name, case in cases.items():
+        fn = jax.shard_map(case, mesh=mesh2, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=specs)
+        try:
+            jax.jit(fn).trace(sharded, xs, ys)
+        except ValueError as e:
+            if "split along the shard_map axis ['model']" not in str(e):
+                raise
+            print(f"ok {name} params split by hand inside shard_map: clear error")
+        else:
+            raise AssertionError(f"{name}: params split by hand inside shard_map were accepted")
 
 
 def readme_blocks():

@@ -60,7 +60,7 @@ def test_frobenius_sam_is_the_gradient_of_the_scaled_unbiased_variance():
     rho, num, lam, seed = 0.05, 5, 0.3, 7
     with jax.enable_x64(True):
         params = make_params(jnp.float64)
-        tx = phipsimu.frobenius_sam(rho=rho, num_samples=num, strength=lam, seed=seed)
+        tx = phipsimu.frobenius_sam(rho=rho, num_samples=num, lam=lam, seed=seed)
         grads, outs = run_steps(tx, params, 2)
         for key, out in zip(step_keys(seed, 2), outs):
             v, _ = phipsimu.mu.gaussian().sample(key, params, num)

@@ -31,9 +31,9 @@ ESTIMATORS = {
     "spectral_density": lambda c: phipsimu.spectral_density(
         c, num_samples=2, num_iterations=4, grid_size=8
     ),
-    "hutchinson": lambda c: phipsimu.hessian_trace(c, num_matvecs=4),
-    "hutch++": lambda c: phipsimu.hessian_trace(c, num_matvecs=6, method="hutch++"),
-    "xtrace": lambda c: phipsimu.hessian_trace(c, num_matvecs=4, method="xtrace"),
+    "hutchinson": lambda c: phipsimu.hessian_trace(c, num_samples=4),
+    "hutch++": lambda c: phipsimu.hessian_trace(c, num_samples=6, method="hutch++"),
+    "xtrace": lambda c: phipsimu.hessian_trace(c, num_samples=4, method="xtrace"),
     "hessian_diagonal": lambda c: phipsimu.hessian_diagonal(c, num_samples=3),
 }
 

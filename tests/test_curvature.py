@@ -113,7 +113,7 @@ def test_gauss_newton_through_the_estimators(ggn_setup):
     logdet = phipsimu.log_determinant(ggn, damping=damping, num_samples=64)(params, x, y, key=key)
     ref = np.sum(np.log(lam + damping))
     assert abs(float(logdet.value) - ref) < 4 * float(logdet.stderr)
-    tr = phipsimu.hessian_trace(ggn, num_matvecs=200)(params, x, y, key=key)
+    tr = phipsimu.hessian_trace(ggn, num_samples=200)(params, x, y, key=key)
     assert abs(float(tr.value) - np.trace(g)) < 4 * float(tr.stderr)
     exact = phipsimu.exact_sharpness(ggn, phipsimu.measures.trace())(params, x, y)
     np.testing.assert_allclose(exact.value, np.trace(g) / 32, rtol=1e-4)
@@ -205,7 +205,7 @@ def test_bad_input():
     with pytest.raises(TypeError, match="matvec="):
         curvature.linear_operator("no")
     with pytest.raises(TypeError, match="loss_fn='x'"):
-        phipsimu.hessian_trace("x", num_matvecs=2)
+        phipsimu.hessian_trace("x", num_samples=2)
     params = init_mlp(jax.random.key(0), [3, 2])
     ggn = curvature.gauss_newton(mlp_apply, lambda out, y: out - y)
     x, y = jnp.ones((4, 3)), jnp.ones((4, 2))
@@ -242,4 +242,4 @@ def test_linear_operator_matvec_of_the_wrong_shape_is_named(matvec, got):
     with pytest.raises(ValueError, match=match):
         op.matvec(params, params)
     with pytest.raises(ValueError, match=match):
-        phipsimu.hessian_trace(op, num_matvecs=2)(params, key=jax.random.key(0))
+        phipsimu.hessian_trace(op, num_samples=2)(params, key=jax.random.key(0))

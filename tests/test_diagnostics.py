@@ -103,7 +103,7 @@ def test_closed_forms_and_spectral_estimators_carry_diagnostics():
     loss, x = _quadratic([1.0, 2.0, 3.0])
     exact = phipsimu.exact_sharpness(loss, phipsimu.measures.trace())(x)
     assert int(exact.status) == 0 and np.isnan(exact.pareto_k)
-    tr = phipsimu.hessian_trace(loss, num_matvecs=60)(x, key=jax.random.key(0))
+    tr = phipsimu.hessian_trace(loss, num_samples=60)(x, key=jax.random.key(0))
     # Rademacher probes are exact on a diagonal H: every term equal, a flat tail, no k̂
     assert int(tr.status) == 0 and np.isnan(tr.pareto_k)
     diag = phipsimu.hessian_diagonal(loss, num_samples=8)(x, key=jax.random.key(0))

@@ -430,7 +430,7 @@ def test_estimator_built_inline_does_not_recompile():
 
     builds = {
         "sharpness": lambda: phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=2),
-        "trace": lambda: phipsimu.hessian_trace(loss, num_matvecs=2),
+        "trace": lambda: phipsimu.hessian_trace(loss, num_samples=2),
         "lanczos": lambda: phipsimu.top_eigenvalues(loss, 1, num_iterations=2),
     }
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -445,5 +445,5 @@ def test_estimator_built_inline_does_not_recompile():
         jax.monitoring.unregister_event_duration_listener(listener)
     # an unhashable argument (a dict mask) still builds, without the cache
     mask = {"w": True}
-    est = phipsimu.hessian_trace(loss, num_matvecs=2, mask=mask)(params, x, key=jax.random.key(0))
+    est = phipsimu.hessian_trace(loss, num_samples=2, mask=mask)(params, x, key=jax.random.key(0))
     assert int(est.status) == 0

@@ -17,14 +17,14 @@ def loss(p):
 
 def test_same_configuration_same_estimator_and_types_kept_apart():
     build = phipsimu.hessian_trace
-    a = build(loss, num_matvecs=4, mask=(True, False))
-    assert build(loss, num_matvecs=4, mask=(True, False)) is a
+    a = build(loss, num_samples=4, mask=(True, False))
+    assert build(loss, num_samples=4, mask=(True, False)) is a
     # equal as containers, different leaf types: a separate entry, validated on its own
-    assert build(loss, num_matvecs=4, mask=(1, 0)) is not a
-    assert build(loss, num_matvecs=4, mask={"a": True}) is build(
-        loss, num_matvecs=4, mask={"a": True}
+    assert build(loss, num_samples=4, mask=(1, 0)) is not a
+    assert build(loss, num_samples=4, mask={"a": True}) is build(
+        loss, num_samples=4, mask={"a": True}
     )
-    assert build(loss, num_matvecs=4, mask=None) is not a
+    assert build(loss, num_samples=4, mask=None) is not a
 
 
 # ---------------------------------------------------------------- the strategy policy
@@ -80,7 +80,7 @@ def strategy_results(monkeypatch, measure, configs, estimators):
         out = [jax.jit(jax.grad(objective))(params, x, y, key=key)]
         if estimators:
             est = jax.jit(phipsimu.sharpness(conv_loss, meas, num_samples=5, chunk_size=chunk))
-            hutch = phipsimu.hessian_trace(conv_loss, num_matvecs=5, chunk_size=chunk)
+            hutch = phipsimu.hessian_trace(conv_loss, num_samples=5, chunk_size=chunk)
             e = est(params, x, y, key=key)
             out += [e.value, e.stderr, jax.jit(hutch)(params, x, y, key=key).value]
         results[force, chunk] = out

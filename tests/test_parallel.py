@@ -90,8 +90,16 @@ def test_m_sharpness_with_model_sharded_params(eight_devices):
 
 
 @pytest.mark.slow
+def test_params_split_by_hand_inside_shard_map_are_refused(eight_devices):
+    """Manual FSDP (params split along a second axis inside shard_map) is a clear error naming
+    the leaf for every transform and the objective, not shard-local norms and draws."""
+    for name in ("sam", "asam", "trace", "frobenius_sam", "random_sam", "objective"):
+        assert f"ok {name} params split by hand inside shard_map: clear error" in eight_devices
+
+
+@pytest.mark.slow
 def test_objective_and_estimators_match_single_device_on_8_devices(eight_devices):
-    """num_samples/num_matvecs beyond one chunk: every chunked estimator path runs."""
+    """num_samples beyond one chunk: every chunked estimator path runs."""
     for mode in MODES:
         for name in (
             "sharpness_aware_loss frobenius",
@@ -208,7 +216,7 @@ def test_unbound_axis_name_is_a_clear_error(tx):
 
 def test_data_parallel_operator_unbound_axis():
     op = phipsimu.curvature.data_parallel(loss, "data")
-    est = phipsimu.hessian_trace(op, num_matvecs=2)
+    est = phipsimu.hessian_trace(op, num_samples=2)
     with pytest.raises(ValueError, match=r"axis_name='data': this axis is not bound"):
         est(jnp.ones(3), jnp.ones((4, 3)), key=jax.random.key(0))
     obj = phipsimu.sharpness_aware_loss(

@@ -17,11 +17,11 @@ FACTORIES = {
         f, phipsimu.measures.determinant()
     ),
     "top_eigenvalues": lambda f: phipsimu.top_eigenvalues(f, k=2),
-    "hessian_trace": lambda f: phipsimu.hessian_trace(f, num_matvecs=8),
+    "hessian_trace": lambda f: phipsimu.hessian_trace(f, num_samples=8),
     "hessian_diagonal": lambda f: phipsimu.hessian_diagonal(f, num_samples=4),
     "spectral_density": lambda f: phipsimu.spectral_density(f, num_samples=2, num_iterations=6),
     "per-layer blocks": lambda f: phipsimu.hessian_trace(
-        f, num_matvecs=4, blocks=phipsimu.layer_blocks
+        f, num_samples=4, blocks=phipsimu.layer_blocks
     ),
 }
 

@@ -202,8 +202,8 @@ def test_dataset_accumulation_with_unequal_batches_equals_full_batch(mlp):
     key = jax.random.key(3)
     eig = phipsimu.top_eigenvalues(mlp_loss, 3, num_iterations=40)(params, key=key, batches=batches)
     np.testing.assert_allclose(eig.value, lam[::-1][:3], rtol=1e-4)
-    full = phipsimu.hessian_trace(mlp_loss, num_matvecs=8)(params, x, y, key=key)
-    swept = phipsimu.hessian_trace(mlp_loss, num_matvecs=8)(
+    full = phipsimu.hessian_trace(mlp_loss, num_samples=8)(params, x, y, key=key)
+    swept = phipsimu.hessian_trace(mlp_loss, num_samples=8)(
         params, key=key, batches=lambda: iter(batches)
     )
     np.testing.assert_allclose(swept.value, full.value, rtol=1e-5)
@@ -222,8 +222,8 @@ def test_dataset_path_does_not_retrace_on_a_second_call():
         "lanczos": phipsimu.top_eigenvalues(mlp_loss, 2, num_iterations=6),
         "power": phipsimu.power_iteration(mlp_loss, num_iterations=5),
         "slq": phipsimu.trace_function(mlp_loss, jnp.square, num_samples=3, num_iterations=4),
-        "hutch++": phipsimu.hessian_trace(mlp_loss, num_matvecs=6, method="hutch++"),
-        "xtrace": phipsimu.hessian_trace(mlp_loss, num_matvecs=6, method="xtrace"),
+        "hutch++": phipsimu.hessian_trace(mlp_loss, num_samples=6, method="hutch++"),
+        "xtrace": phipsimu.hessian_trace(mlp_loss, num_samples=6, method="xtrace"),
     }
     traces = []
 
@@ -253,7 +253,7 @@ def test_per_block_analysis_matches_dense_diagonal_blocks(small_mlp):
         phipsimu.top_eigenvalues(mlp_loss, 1, num_iterations=16, blocks=phipsimu.layer_blocks)
     )(params, x, y, key=jax.random.key(0))
     tr = phipsimu.hessian_trace(
-        mlp_loss, num_matvecs=8, method="xtrace", blocks=phipsimu.layer_blocks
+        mlp_loss, num_samples=8, method="xtrace", blocks=phipsimu.layer_blocks
     )
     tr = tr(params, x, y, key=jax.random.key(0))
     assert set(eig) == set(tr) == {"0", "1"}
@@ -295,13 +295,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"damping=-1.0"):
         phipsimu.log_determinant(loss, damping=-1.0, num_samples=2)
     with pytest.raises(ValueError, match=r"mask and blocks"):
-        phipsimu.hessian_trace(loss, num_matvecs=4, mask={"u": True, "w": True}, blocks="x")
+        phipsimu.hessian_trace(loss, num_samples=4, mask={"u": True, "w": True}, blocks="x")
     with pytest.raises(ValueError, match=r"yielded no batch"):
-        phipsimu.hessian_trace(loss, num_matvecs=4)(params, key=key, batches=[])
+        phipsimu.hessian_trace(loss, num_samples=4)(params, key=key, batches=[])
     with pytest.raises(TypeError, match=r"one-shot iterator"):
-        phipsimu.hessian_trace(loss, num_matvecs=4)(params, key=key, batches=iter([(1.0,)]))
+        phipsimu.hessian_trace(loss, num_samples=4)(params, key=key, batches=iter([(1.0,)]))
     with pytest.raises(TypeError, match=r"key="):
-        phipsimu.hessian_trace(loss, num_matvecs=4)(params, key=0)
+        phipsimu.hessian_trace(loss, num_samples=4)(params, key=0)
 
 
 def test_damped_gauss_newton_with_a_large_norm_is_never_singular():

@@ -38,14 +38,14 @@ def test_hutchinson_and_xtrace_agree_with_matfree():
         ref = stochtrace.estimator_monte_carlo(stochtrace.monte_carlo_trace(), lambda _: probes)(
             matvec, key
         )
-        est = phipsimu.hessian_trace(loss, num_matvecs=10)(params, key=key)
+        est = phipsimu.hessian_trace(loss, num_samples=10)(params, key=key)
         np.testing.assert_allclose(est.value, ref, rtol=1e-10)
 
         gauss, _ = phipsimu.mu.gaussian().sample(key, params, 8)
         ref = stochtrace.estimator_leave_one_out(
             stochtrace.leave_one_out_xtrace(), lambda _: gauss
         )(matvec, key)
-        est = phipsimu.hessian_trace(loss, num_matvecs=16, method="xtrace")(params, key=key)
+        est = phipsimu.hessian_trace(loss, num_samples=16, method="xtrace")(params, key=key)
         np.testing.assert_allclose(est.value, ref, rtol=1e-10)
 
 
@@ -62,7 +62,7 @@ def test_low_rank_methods_beat_hutchinson_on_low_rank_plus_noise():
     ref = np.sum(w)
     rms = {}
     for method in ("hutchinson", "hutch++", "xtrace"):
-        fn = jax.jit(phipsimu.hessian_trace(loss, num_matvecs=48, method=method))
+        fn = jax.jit(phipsimu.hessian_trace(loss, num_samples=48, method=method))
         vals = np.array([float(fn(params, key=jax.random.key(s)).value) for s in range(40)])
         rms[method] = np.sqrt(np.mean((vals - ref) ** 2))
         assert abs(vals.mean() - ref) < 4 * vals.std(ddof=1) / np.sqrt(40) + 1e-4 * ref
@@ -80,12 +80,12 @@ def test_trace_estimators_are_scale_equivariant(method):
     a = random_spd(0, 40)
     loss, params = quadratic_loss(a.astype(np.float32))
     key = jax.random.key(0)
-    base = phipsimu.hessian_trace(loss, num_matvecs=12, method=method)(params, key=key)
+    base = phipsimu.hessian_trace(loss, num_samples=12, method=method)(params, key=key)
     assert float(base.stderr) > 0
     assert abs(float(base.value) - np.trace(a)) < 4 * float(base.stderr)
     for scale in (1e-9, 1e9):
         loss, params = quadratic_loss((scale * a).astype(np.float32))
-        est = phipsimu.hessian_trace(loss, num_matvecs=12, method=method)(params, key=key)
+        est = phipsimu.hessian_trace(loss, num_samples=12, method=method)(params, key=key)
         assert abs(float(est.value) / scale - float(base.value)) < 0.01 * float(base.stderr)
         assert abs(float(est.stderr) / scale - float(base.stderr)) < 0.01 * float(base.stderr)
 
@@ -96,13 +96,13 @@ def test_xtrace_is_exact_on_rank_deficient_hessian(scale):
     exactly (stderr 0) at any scale; H = 0 gives 0."""
     a = scale * np.diag([3.0, 0, 2, 0, 0, 1, 0, 0, 0, 0, 0, 0])
     loss, params = quadratic_loss(a.astype(np.float32))
-    est = phipsimu.hessian_trace(loss, num_matvecs=8, method="xtrace")(
+    est = phipsimu.hessian_trace(loss, num_samples=8, method="xtrace")(
         params, key=jax.random.key(0)
     )
     np.testing.assert_allclose(est.value, 6.0 * scale, rtol=1e-5)
     assert float(est.stderr) == 0.0
     loss, params = quadratic_loss(np.zeros((12, 12), np.float32))
-    zero = phipsimu.hessian_trace(loss, num_matvecs=8, method="xtrace")(
+    zero = phipsimu.hessian_trace(loss, num_samples=8, method="xtrace")(
         params, key=jax.random.key(0)
     )
     assert float(zero.value) == 0.0 and float(zero.stderr) == 0.0
@@ -162,14 +162,14 @@ def test_bad_input():
     a = random_spd(0, 6)
     loss, params = quadratic_loss(a)
     key = jax.random.key(0)
-    with pytest.raises(ValueError, match=r"num_matvecs=10: Hutch\+\+ .* multiple of 3"):
-        phipsimu.hessian_trace(loss, num_matvecs=10, method="hutch++")
-    with pytest.raises(ValueError, match=r"num_matvecs=7: XTrace .* multiple of 2"):
-        phipsimu.hessian_trace(loss, num_matvecs=7, method="xtrace")
-    with pytest.raises(ValueError, match=r"num_matvecs=18: xtrace would build a rank-9"):
-        phipsimu.hessian_trace(loss, num_matvecs=18, method="xtrace")(params, key=key)
+    with pytest.raises(ValueError, match=r"num_samples=10: Hutch\+\+ .* multiple of 3"):
+        phipsimu.hessian_trace(loss, num_samples=10, method="hutch++")
+    with pytest.raises(ValueError, match=r"num_samples=7: XTrace .* multiple of 2"):
+        phipsimu.hessian_trace(loss, num_samples=7, method="xtrace")
+    with pytest.raises(ValueError, match=r"num_samples=18: xtrace would build a rank-9"):
+        phipsimu.hessian_trace(loss, num_samples=18, method="xtrace")(params, key=key)
     with pytest.raises(ValueError, match=r"probes='rademacher'"):
-        phipsimu.hessian_trace(loss, num_matvecs=8, method="xtrace", probes="rademacher")
+        phipsimu.hessian_trace(loss, num_samples=8, method="xtrace", probes="rademacher")
     with pytest.raises(ValueError, match=r"num_samples=None: must be an int >= 1"):
         phipsimu.hessian_diagonal(loss)
     with pytest.raises(ValueError, match=r"num_samples=4: exact=True uses the d unit vectors"):
@@ -189,8 +189,8 @@ def test_probes_are_named_or_given_as_samplers():
         ("rademacher", phipsimu.mu.rademacher()),
         ("sphere", phipsimu.mu.sphere()),
     ):
-        a = phipsimu.hessian_trace(loss, num_matvecs=4, probes=name)(x, key=key)
-        b = phipsimu.hessian_trace(loss, num_matvecs=4, probes=sampler)(x, key=key)
+        a = phipsimu.hessian_trace(loss, num_samples=4, probes=name)(x, key=key)
+        b = phipsimu.hessian_trace(loss, num_samples=4, probes=sampler)(x, key=key)
         np.testing.assert_array_equal(a.value, b.value)
     a = phipsimu.trace_function(loss, jnp.square, num_samples=2, num_iterations=3)(x, key=key)
     b = phipsimu.trace_function(
@@ -198,24 +198,24 @@ def test_probes_are_named_or_given_as_samplers():
     )(x, key=key)
     np.testing.assert_array_equal(a.value, b.value)
     with pytest.raises(ValueError, match=r"probes=.*mask"):
-        phipsimu.hessian_trace(loss, num_matvecs=4, probes=phipsimu.mu.sphere(mask=[True]))
+        phipsimu.hessian_trace(loss, num_samples=4, probes=phipsimu.mu.sphere(mask=[True]))
     with pytest.raises(ValueError, match="probes="):
-        phipsimu.hessian_trace(loss, num_matvecs=4, probes=phipsimu.mu.gaussian(stddev=2.0))
+        phipsimu.hessian_trace(loss, num_samples=4, probes=phipsimu.mu.gaussian(stddev=2.0))
     with pytest.raises(ValueError, match="probes="):
         phipsimu.hessian_trace(
-            loss, num_matvecs=4, method="xtrace", probes=phipsimu.mu.rademacher()
+            loss, num_samples=4, method="xtrace", probes=phipsimu.mu.rademacher()
         )
 
 
-@pytest.mark.parametrize("method, num_matvecs", [("hutch++", 6), ("xtrace", 4)])
+@pytest.mark.parametrize("method, num_samples", [("hutch++", 6), ("xtrace", 4)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_low_rank_methods_take_16_bit_params(method, num_matvecs, dtype):
+def test_low_rank_methods_take_16_bit_params(method, num_samples, dtype):
     # The QR and the small dense algebra run in float32; the products stay 16-bit. Each
     # product, probe and basis vector is rounded once to unit roundoff u (2^-8 bfloat16,
     # 2^-11 float16) on a well-conditioned H, so the estimate moves by a few u: allow 4u.
     c = jnp.arange(1.0, 7.0)
     loss = lambda p: 0.5 * jnp.sum(c.astype(p.dtype) * p**2)  # noqa: E731
-    est = phipsimu.hessian_trace(loss, num_matvecs=num_matvecs, method=method)
+    est = phipsimu.hessian_trace(loss, num_samples=num_samples, method=method)
     key = jax.random.key(1)
     ref = est(jnp.ones(6), key=key)
     out = est(jnp.ones(6, dtype), key=key)
@@ -231,10 +231,10 @@ def test_nan_target_of_a_linear_model_is_flagged():
     ggn = curvature.gauss_newton(lambda p, x: x @ p, mse)
     key = jax.random.key(0)
     ests = [
-        phipsimu.hessian_trace(loss, num_matvecs=2)(*args, key=key),
-        phipsimu.hessian_trace(loss, num_matvecs=6, method="hutch++")(*args, key=key),
-        phipsimu.hessian_trace(loss, num_matvecs=4, method="xtrace")(*args, key=key),
-        phipsimu.hessian_trace(ggn, num_matvecs=2)(*args, key=key),
+        phipsimu.hessian_trace(loss, num_samples=2)(*args, key=key),
+        phipsimu.hessian_trace(loss, num_samples=6, method="hutch++")(*args, key=key),
+        phipsimu.hessian_trace(loss, num_samples=4, method="xtrace")(*args, key=key),
+        phipsimu.hessian_trace(ggn, num_samples=2)(*args, key=key),
         phipsimu.hessian_diagonal(loss, num_samples=2)(*args, key=key),
         phipsimu.hessian_diagonal(loss, exact=True)(*args),
     ]

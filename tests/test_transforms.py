@@ -29,9 +29,7 @@ TRANSFORMS = {
     ),
     "sam": lambda **kw: phipsimu.sam(rho=0.05, **kw),
     "asam": lambda **kw: phipsimu.sam(rho=0.5, eta=0.01, adaptive=True, **kw),
-    "frobenius_sam": lambda **kw: phipsimu.frobenius_sam(
-        rho=0.05, num_samples=4, strength=0.1, **kw
-    ),
+    "frobenius_sam": lambda **kw: phipsimu.frobenius_sam(rho=0.05, num_samples=4, lam=0.1, **kw),
     "random_sam": lambda **kw: phipsimu.random_sam(rho=0.05, num_samples=4, **kw),
 }
 
@@ -396,8 +394,8 @@ class TestBadInput:
                 ),
                 "strength=-1.0",
             ),
-            (lambda: phipsimu.frobenius_sam(rho=0.1, num_samples=1, strength=1.0), "num_samples=1"),
-            (lambda: phipsimu.frobenius_sam(rho=0.1, num_samples=4, strength=-1.0), "strength"),
+            (lambda: phipsimu.frobenius_sam(rho=0.1, num_samples=1, lam=1.0), "num_samples=1"),
+            (lambda: phipsimu.frobenius_sam(rho=0.1, num_samples=4, lam=-1.0), "lam"),
             (lambda: phipsimu.random_sam(rho=-1.0, num_samples=4), "rho=-1.0"),
             (
                 lambda: phipsimu.sharpness_aware(

@@ -134,11 +134,18 @@ def test_notebook_runs(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "05_generalization.ipynb"])
-@pytest.mark.parametrize("where", ["root", "elsewhere"])
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [
+        ("01_quickstart.ipynb", "root"),
+        ("05_generalization.ipynb", "root"),
+        ("05_generalization.ipynb", "elsewhere"),
+    ],
+)
 def test_notebook_runs_from_any_directory(name, where, tmp_path):
     """Run from the repository root (as an editor or a runner may) and from a folder outside
-    the clone: the install cell and notebook 05's results lookup do not depend on the cwd."""
+    the clone: the install cell (the same in every notebook) and notebook 05's results lookup do
+    not depend on the working directory."""
     cwd = ROOT if where == "root" else tmp_path
     nb = execute(ROOT / "notebooks" / name, quick=True, timeout=900, cwd=cwd)
     errors = [o for c in code_cells(nb) for o in c.outputs if o.get("output_type") == "error"]

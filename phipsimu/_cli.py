@@ -263,6 +263,7 @@ def plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), layout="constrained")
     names = list(table)
@@ -299,6 +300,8 @@ def plot(
         ax.set_yticks(range(len(names)), [LABELS[n] for n in names])
         ax.set_ylim(len(names) - 0.5, -0.5)  # first method on top, as in the printed table
         ax.grid(axis="x", alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # 1e-4 etc. at the end
         ax.set(title=title, xlabel=xlabel)
 
     band = "95% CI over seeds" if seeds > 1 else "± 2 s.e. (none where unknown)"

@@ -551,8 +551,9 @@ def figures(result: dict, out: pathlib.Path) -> None:
     rows = result["training"]
     datasets = sorted({r["dataset"] for r in rows}, key=[r["dataset"] for r in rows].index)
     markers = "osD^vP*X"
+    width = max(4.6 * len(datasets), 8.5)  # the figure title and the legend fit one panel too
     fig, axes = plt.subplots(
-        1, len(datasets), figsize=(4.6 * len(datasets), 4.2), squeeze=False, layout="constrained"
+        1, len(datasets), figsize=(width, 4.2), squeeze=False, layout="constrained"
     )
     for ax, name in zip(axes[0], datasets):
         for k, m in enumerate(METHODS):

@@ -549,7 +549,11 @@ def figures(result: dict, out: pathlib.Path) -> None:
 
     rows = result["training"]
     datasets = sorted({r["dataset"] for r in rows}, key=[r["dataset"] for r in rows].index)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
+    markers = "osD^vP*X"
+    width = max(4.6 * len(datasets), 8.5)  # the figure title and the legend fit one panel too
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(width, 4.2), squeeze=False, layout="constrained"
+    )
     for ax, name in zip(axes[0], datasets):
         for k, m in enumerate(METHODS):
             sel = [r for r in rows if r["dataset"] == name and r["method"] == m]
@@ -558,21 +562,21 @@ def figures(result: dict, out: pathlib.Path) -> None:
                 xs,
                 [r["test_acc_mean"] for r in sel],
                 yerr=[r["test_acc_ci95"] for r in sel],
-                marker="o",
-                ms=3,
+                marker=markers[k % len(markers)],
+                ms=4,
                 capsize=2,
                 label=m,
             )
-        ax.set_title(f"{name}: test accuracy (95% CI), matched gradient budget")
+        ax.set_title(name)  # short: the figure's title says what is plotted
         ax.set_xlabel("label noise")
         ax.set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    fig.suptitle("Test accuracy (mean, 95% CI) at a matched gradient budget")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=4)
     fig.savefig(out / "training.png", dpi=110)
     plt.close(fig)
 
     corr = result["correlation"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 3.8), layout="constrained")
     pos = np.arange(len(corr))
     for off, key, label in ((-0.18, "tau", "original"), (0.18, "tau_rescaled", "rescaled")):
         tau = np.asarray([r[key] for r in corr], dtype=float)  # None -> nan
@@ -584,7 +588,6 @@ def figures(result: dict, out: pathlib.Path) -> None:
     ax.set_ylabel("Kendall τ with the generalization gap")
     ax.set_title("Measures as predictors, before and after function-preserving rescaling")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(out / "correlation.png", dpi=110)
     plt.close(fig)
 

@@ -26,8 +26,27 @@ from phipsimu import examples
 BASE_LR = 0.05
 BATCH = 64
 SIZES = (64, 32, 10)
-#: Training is timed in this many blocks of steps; time/step is the median over blocks.
-TIMING_BLOCKS = 5
+#: time/step: after training, every method's compiled step runs TIMING_STEPS steps in turn, in
+#: TIMING_ROUNDS interleaved rounds (so a slow spell of a shared machine hits every method
+#: alike); the ratio to SGD is the median over rounds of the per-round ratio.
+TIMING_ROUNDS = 15
+TIMING_STEPS = 50
+#: How the figure and the printed key name the methods (``asam`` and ``adaptive`` are different
+#: things: SAM's adaptive variant, and the (φ, ψ, μ) objective on the adaptive trace).
+LABELS = {
+    "sgd": "SGD",
+    "sam": "SAM",
+    "asam": "ASAM (adaptive SAM)",
+    "trace": "(φ,ψ,μ) trace",
+    "adaptive": "(φ,ψ,μ) adaptive trace",
+}
+STYLE = {  # colour and marker per method, distinct even in greyscale
+    "sgd": ("C0", "o"),
+    "sam": ("C1", "s"),
+    "asam": ("C2", "^"),
+    "trace": ("C3", "D"),
+    "adaptive": ("C4", "v"),
+}
 # Two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom (then ~normal).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
@@ -87,7 +106,7 @@ def methods(num_samples: int) -> dict[str, optax.GradientTransformationExtraArgs
 class Result(NamedTuple):
     losses: list[float]
     params: Any
-    seconds_per_step: float  # median over TIMING_BLOCKS blocks of steps
+    state: Any
 
 
 def progress_bar(desc: str, total: int) -> Any:
@@ -100,15 +119,8 @@ def progress_bar(desc: str, total: int) -> Any:
     return tqdm(total=total, desc=desc, disable=None, leave=False, file=sys.stderr)
 
 
-def train(
-    tx: optax.GradientTransformation,
-    params: Any,
-    split: examples.Split,
-    steps: int,
-    seed: int,
-    desc: str,
-) -> Result:
-    xtr, ytr = split.x_train, split.y_train
+def make_step(tx: optax.GradientTransformation) -> Any:
+    """One jitted training step (compiled once per method, reused for every seed)."""
 
     @jax.jit
     def step(params, state, x, y):
@@ -119,28 +131,68 @@ def train(
         updates, state = tx.update(grads, state, params, value_fn=value_fn)
         return optax.apply_updates(params, updates), state, loss
 
+    return step
+
+
+def train(
+    tx: optax.GradientTransformation,
+    step: Any,
+    params: Any,
+    split: examples.Split,
+    steps: int,
+    seed: int,
+    desc: str,
+) -> Result:
+    xtr, ytr = split.x_train, split.y_train
     state = tx.init(params)
     rng = np.random.default_rng(seed)  # the same batches for every method
     batches = [rng.choice(len(xtr), BATCH, replace=False) for _ in range(steps)]
     losses = []
-    params, state, loss = step(params, state, xtr[batches[0]], ytr[batches[0]])  # compiles
-    losses.append(loss)
     bar = progress_bar(desc, steps)
-    edges = np.linspace(1, steps, min(TIMING_BLOCKS, steps - 1) + 1).astype(int)
-    per_step = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        jax.block_until_ready(params)
-        t0 = time.perf_counter()
-        for i in range(lo, hi):
-            params, state, loss = step(params, state, xtr[batches[i]], ytr[batches[i]])
-            losses.append(loss)
-        jax.block_until_ready(params)
-        per_step.append((time.perf_counter() - t0) / max(hi - lo, 1))
+    for idx in batches:
+        params, state, loss = step(params, state, xtr[idx], ytr[idx])
+        losses.append(loss)
         if bar is not None:
-            bar.update(hi - lo)
+            bar.update(1)
     if bar is not None:
         bar.close()
-    return Result([float(x) for x in losses], params, statistics.median(per_step))
+    return Result([float(x) for x in losses], params, state)
+
+
+def time_steps(
+    runs: dict[str, tuple[Any, Any, Any]],
+    x: Any,
+    y: Any,
+    rounds: int = TIMING_ROUNDS,
+    steps: int = TIMING_STEPS,
+) -> dict[str, list[float]]:
+    """Seconds per step of every method's compiled ``step`` (``runs``: name -> (step, params,
+    state)), measured interleaved: in each round every method runs ``steps`` steps on the same
+    device-resident batch, one method after another (the order reversed every other round),
+    after a warm-up round that is discarded.
+    Returns the per-round times, so that ratios can be taken within a round."""
+    x, y = jax.device_put(x), jax.device_put(y)
+    carry = {name: (params, state) for name, (_, params, state) in runs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(rounds + 1):
+        for name in order if r % 2 else order[::-1]:  # alternate who goes first
+            step = runs[name][0]
+            params, state = carry[name]
+            jax.block_until_ready(params)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                params, state, _loss = step(params, state, x, y)
+            jax.block_until_ready(params)
+            if r > 0:  # round 0 warms up caches and dispatch paths
+                seconds[name].append((time.perf_counter() - t0) / steps)
+            carry[name] = (params, state)
+    return seconds
+
+
+def ratios_to(seconds: dict[str, list[float]], ref: str = "sgd") -> dict[str, list[float]]:
+    """Per method: its time divided by ``ref``'s time in the same round, round by round."""
+    return {name: [a / b for a, b in zip(times, seconds[ref])] for name, times in seconds.items()}
 
 
 def sharpness_probes(num_samples: int) -> Any:
@@ -196,42 +248,81 @@ def summarise(runs: list[dict]) -> dict[str, tuple[float, float | None]]:
     return out
 
 
-def plot(losses: dict, table: dict, out: str, steps: int, seeds: int) -> None:
+def plot(
+    losses: dict,
+    table: dict,
+    out: str,
+    steps: int,
+    seeds: int,
+    ratios: dict[str, list[float]] | None = None,
+) -> None:
+    """A 2 × 3 grid: training loss, test accuracy, time per step (relative to SGD), and the
+    three sharpness measures; one colour and marker per method throughout, methods spelled
+    out on every axis that lists them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 5, figsize=(21, 4))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), layout="constrained")
+    names = list(table)
     window = max(1, steps // 25)
-    for i, (name, curves) in enumerate(losses.items()):
+    ax = axes[0][0]
+    for name, curves in losses.items():
         mean = np.mean(np.asarray(curves), axis=0)
         smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
-        axes[0].plot(np.arange(len(smooth)) + window, smooth, label=name, color=f"C{i}")
-    axes[0].set(
+        colour, marker = STYLE[name]
+        ax.plot(
+            np.arange(len(smooth)) + window,
+            smooth,
+            label=LABELS[name],
+            color=colour,
+            marker=marker,
+            markevery=max(1, len(smooth) // 6),
+            ms=5,
+        )
+    ax.set(
         yscale="log",
         xlabel="step",
         ylabel="training loss",
-        title=f"loss (mean of {seeds} seed(s), moving average of {window})",
+        title=f"training loss (mean of {seeds} seed(s),\nmoving average of {window} steps)",
     )
-    axes[0].legend()
-    names = list(table)
-    band = "95% CI over seeds" if seeds > 1 else "± 2 s.e. (none where unknown)"
-    for ax, (key, label) in zip(axes[1:], COLUMNS):
+    ax.legend(fontsize=8)
+
+    def dots(ax, values: dict[str, tuple[float, Any]], title: str, xlabel: str) -> None:
         for i, n in enumerate(names):
-            value, half = table[n][key]
+            value, err = values[n]
+            colour, marker = STYLE[n]
             ax.errorbar(
-                [i],
-                [value],
-                yerr=None if half is None else [half],
-                fmt="o",
-                capsize=5,
-                color=f"C{i}",
+                [value], [i], xerr=err, fmt=marker, color=colour, capsize=4, ms=7, elinewidth=1.5
             )
-        ax.set_xticks(range(len(names)), names)
-        ax.set(xlabel="method", ylabel=label, title=f"{label}, {band}")
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
+        ax.set_yticks(range(len(names)), [LABELS[n] for n in names])
+        ax.set_ylim(len(names) - 0.5, -0.5)  # first method on top, as in the printed table
+        ax.grid(axis="x", alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # 1e-4 etc. at the end
+        ax.set(title=title, xlabel=xlabel)
+
+    band = "95% CI over seeds" if seeds > 1 else "± 2 s.e. (none where unknown)"
+    panels = [(axes[0][1], COLUMNS[0]), *zip(axes[1], COLUMNS[1:])]
+    for ax, (key, label) in panels:
+        values = {
+            n: (table[n][key][0], None if table[n][key][1] is None else [table[n][key][1]])
+            for n in names
+        }
+        dots(ax, values, f"{label}\n({band})", label)
+    ax = axes[0][2]
+    if ratios:
+        values = {}
+        for n in names:
+            q1, med, q3 = np.percentile(ratios[n], [25, 50, 75])
+            values[n] = (float(med), [[med - q1], [q3 - med]])
+        dots(ax, values, "time per step relative to SGD\n(median, quartiles over rounds)", "× SGD")
+        ax.axvline(1.0, color="k", lw=0.5)
+    else:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "time per step: needs sgd in --methods", ha="center", va="center")
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -246,11 +337,12 @@ def demo(
     probes: int,
 ) -> int:
     available = methods(num_samples)
+    step_fns = {name: make_step(available[name]) for name in names}
     probe = sharpness_probes(probes)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     losses: dict[str, list[list[float]]] = {n: [] for n in names}
     train_loss: dict[str, list[float]] = {n: [] for n in names}
-    times: dict[str, list[float]] = {n: [] for n in names}
+    last: dict[str, tuple[Any, Any, Any]] = {}
     for s in range(seed, seed + seeds):
         split = examples.load_dataset("digits", seed=s)
         params0 = examples.init_mlp(jax.random.key(s), SIZES)
@@ -264,7 +356,8 @@ def demo(
             )
         key = jax.random.key(s + 10_000)  # the same probes for every method
         for name in names:
-            res = train(available[name], params0, split, steps, s, f"{name} seed {s}")
+            tx = available[name]
+            res = train(tx, step_fns[name], params0, split, steps, s, f"{name} seed {s}")
             xtr, ytr = split.x_train, split.y_train
             row = probe(res.params, xtr, ytr, key)
             acc = float(examples.accuracy(res.params, split.x_test, split.y_test))
@@ -272,18 +365,18 @@ def demo(
             runs[name].append(row)
             losses[name].append(res.losses)
             train_loss[name].append(float(cross_entropy(res.params, xtr, ytr)))
-            times[name].append(res.seconds_per_step)
+            last[name] = (step_fns[name], res.params, res.state)
+    ratios = None
+    if "sgd" in names:
+        seconds = time_steps(last, split.x_train[:BATCH], split.y_train[:BATCH])
+        ratios = ratios_to(seconds)
     table = {name: summarise(runs[name]) for name in names}
     print(
         f"\n{'method':<9}{'test acc':>21}{'train loss':>11}{'Tr(H)/d':>21}"
         f"{'λ_max':>21}{'adaptive trace':>21}{'time/step':>10}"
     )
     for name in names:
-        if "sgd" in times:
-            rel = statistics.median(a / b for a, b in zip(times[name], times["sgd"]))
-            ratio = f"{rel:.2f}x"
-        else:
-            ratio = "n/a"
+        ratio = f"{statistics.median(ratios[name]):.2f}x" if ratios else "n/a"
         cells = "".join(fmt(*table[name][key]) for key, _ in COLUMNS[1:])
         print(
             f"{name:<9}{fmt(*table[name]['accuracy'])}"
@@ -296,11 +389,16 @@ def demo(
             f"2 Monte Carlo standard errors over {probes} probes, n/a where unknown "
             "(one seed: use --seeds for confidence intervals)"
         )
-    print(
-        f"(± is {spread}. time/step is relative to SGD: the median over seeds of the "
-        f"ratio of median per-step times over {TIMING_BLOCKS} blocks of steps.)"
+    timing = (
+        f"time/step is relative to SGD: the median over {TIMING_ROUNDS} interleaved rounds "
+        f"(each method runs {TIMING_STEPS} compiled steps in turn, after a warm-up round) of "
+        "the ratio within a round"
+        if ratios
+        else "time/step needs sgd in --methods"
     )
-    plot(losses, table, out, steps, seeds)
+    print(f"(± is {spread}; {timing}.)")
+    print("methods: " + "; ".join(f"{n} = {LABELS[n]}" for n in names))
+    plot(losses, table, out, steps, seeds, ratios)
     print(f"figure: {out}")
     return 0
 

@@ -2,8 +2,8 @@
 and the tests share: bundled scikit-learn datasets (no downloads), a dense MLP and its loss.
 
 Written once here so every number in the project comes from the same data and model. Needs
-scikit-learn for the data (``pip install "phipsimu[examples]"``); the model functions need only
-JAX.
+scikit-learn for the data (the ``examples`` extra: ``pip install -e ".[examples]"`` in a clone,
+or ``pip install scikit-learn``); the model functions need only JAX.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def load_dataset(
         from sklearn import datasets
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError(
-            "phipsimu.examples.load_dataset needs scikit-learn: pip install 'phipsimu[examples]'"
+            "phipsimu.examples.load_dataset needs scikit-learn (the examples extra): "
+            "pip install scikit-learn"
         ) from err
     data = getattr(datasets, f"load_{name}")()
     x = np.asarray(data.data, np.float64)

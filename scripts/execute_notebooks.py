@@ -23,9 +23,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def execute(
-    path: pathlib.Path, *, quick: bool = False, timeout: int = 1800
+    path: pathlib.Path,
+    *,
+    quick: bool = False,
+    timeout: int = 1800,
+    cwd: pathlib.Path | None = None,
 ) -> nbformat.NotebookNode:
-    """Run ``path`` top to bottom in a fresh kernel (cwd: its folder); return it with outputs."""
+    """Run ``path`` top to bottom in a fresh kernel (working directory ``cwd``, by default the
+    notebook's folder); return it with outputs."""
     nb = nbformat.read(path, as_version=4)
     env_before = os.environ.get("PHIPSIMU_QUICK")
     os.environ["PHIPSIMU_QUICK"] = "1" if quick else "0"
@@ -34,7 +39,7 @@ def execute(
             nb,
             timeout=timeout,
             kernel_name="python3",
-            resources={"metadata": {"path": str(path.parent)}},
+            resources={"metadata": {"path": str(cwd or path.parent)}},
         )
         start = time.perf_counter()
         client.execute()

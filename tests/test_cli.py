@@ -42,6 +42,8 @@ def test_demo_quick_table_and_figure(tmp_path):
         assert 0.5 < acc <= 1.0 and acc_ci > 0 and loss > 0 and trace > 0 and trace_ci > 0
     assert rows["sgd"][-1] == 1.0
     assert "95% confidence interval of the mean over 2 seeds" in result.stdout
+    assert "interleaved rounds" in result.stdout
+    assert "asam = ASAM (adaptive SAM)" in result.stdout
     assert out.exists() and out.stat().st_size > 10_000
     assert f"figure: {out}" in result.stdout
     assert "\r" not in result.stderr  # stderr is not a terminal: no progress-bar frames
@@ -71,6 +73,29 @@ def test_interval_and_format():
         "lambda_max": (2.0, None),
         "adaptive": (3.0, 0.4),
     }
+
+
+def test_time_steps_interleaved():
+    """Every method is timed in every round, the order alternates between rounds, the warm-up
+    round is dropped, and the ratios are taken within a round."""
+    calls = []
+
+    def fake(name):
+        def step(params, state, x, y):
+            calls.append(name)
+            return params, state, 0.0
+
+        return step
+
+    runs = {n: (fake(n), 0.0, None) for n in ("sgd", "sam", "trace")}
+    seconds = _cli.time_steps(runs, [0.0], [0.0], rounds=3, steps=2)
+    assert {n: len(t) for n, t in seconds.items()} == {"sgd": 3, "sam": 3, "trace": 3}
+    assert all(t > 0 for times in seconds.values() for t in times)
+    # 4 rounds (warm-up + 3) of 2 steps per method; the first method of a round alternates
+    firsts = [calls[i] for i in range(0, len(calls), 6)]
+    assert len(calls) == 4 * 3 * 2 and firsts == ["trace", "sgd", "trace", "sgd"]
+    ratios = _cli.ratios_to({"sgd": [1.0, 2.0], "sam": [2.0, 3.0]})
+    assert ratios == {"sgd": [1.0, 1.0], "sam": [2.0, 1.5]}
 
 
 def test_version():

@@ -254,6 +254,13 @@ def exact_sharpness(
 
     Raises:
       ValueError: when d exceeds ``max_dim`` (raised at call time, d depends on params).
+
+    Example:
+      >>> import jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p**2)  # H = diag(1, 3)
+      >>> est = phipsimu.exact_sharpness(loss, phipsimu.measures.trace())(jnp.ones(2))
+      >>> round(float(est.value), 4), float(est.stderr), int(est.num_samples)  # Tr(H)/d
+      (2.0, 0.0, 0)
     """
     op = _curvature.as_operator(loss_fn)
     _check_common(measure, eta)

@@ -261,7 +261,8 @@ def power_iteration(
     Example:
       >>> import jax, jax.numpy as jnp, phipsimu
       >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 4.0]) * p**2)  # H = diag(1, 2, 4)
-      >>> eig = phipsimu.power_iteration(loss, num_iterations=40)(jnp.ones(3), key=jax.random.key(0))
+      >>> eig_fn = phipsimu.power_iteration(loss, num_iterations=40)
+      >>> eig = eig_fn(jnp.ones(3), key=jax.random.key(0))
       >>> round(float(eig.value[0]), 4), bool(eig.converged[0])  # error ~ (2/4)^(2·40)
       (4.0, True)
     """

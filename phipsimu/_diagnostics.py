@@ -52,13 +52,14 @@ class Status(enum.IntFlag):
     Example:
       >>> import jax, jax.numpy as jnp, phipsimu
       >>> from phipsimu import Status
-      >>> loss = lambda p: 0.5 * (p[0] ** 2 - p[1] ** 2)  # H = diag(1, −1): indefinite
-      >>> est = phipsimu.sharpness(loss, phipsimu.measures.determinant(), num_samples=16)(
-      ...     jnp.ones(2), key=jax.random.key(0))
-      >>> float(est.value), bool(est.status & Status.NOT_POSITIVE_DEFINITE)
-      (nan, True)
-      >>> [flag.name for flag in Status if flag and est.status & flag]
-      ['NOT_POSITIVE_DEFINITE']
+      >>> loss = lambda p: 0.5 * p[0] ** 2  # H = diag(1, 0): singular, det H = 0
+      >>> est = phipsimu.exact_sharpness(loss, phipsimu.measures.determinant())(jnp.ones(2))
+      >>> float(est.value), float(est.log_value), int(est.status)
+      (0.0, -inf, 12)
+      >>> [flag.name for flag in Status if flag and est.status & flag]  # 12 = 4 | 8
+      ['SINGULAR', 'DIVERGENT']
+      >>> bool(est.status & Status.NOT_POSITIVE_DEFINITE)
+      False
     """
 
     OK = 0

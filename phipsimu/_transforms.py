@@ -112,7 +112,10 @@ class SharpnessAwareState(NamedTuple):
       >>> tx = phipsimu.sharpness_aware(
       ...     phipsimu.measures.trace(), rho=0.1, num_samples=4, antithetic=True)
       >>> params = jnp.array([3.0, 4.0])
-      >>> _, state = tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     return tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> _, state = step(params, tx.init(params))
       >>> round(float(state.loss), 4), state.perturbed_losses.shape  # L(x), L(x ± ρvᵢ)
       (25.0, (4,))
       >>> # s·ρ²·mean 2(L(x + ρv) − L(x))/ρ² over ±v on the unit sphere: ρ²·vᵀHv = 0.01·2
@@ -347,7 +350,10 @@ def sharpness_aware(
       >>> loss = lambda p: jnp.sum(p**2)
       >>> params = jnp.ones(3)
       >>> state = tx.init(params)
-      >>> updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     return tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> updates, state = step(params, state)
       >>> int(optax.tree.get(state, "nonfinite_count"))
       0
     """
@@ -632,7 +638,10 @@ def frobenius_sam(
       >>> loss = lambda p: 0.5 * (p[0] ** 2 + 2.0 * p[1] ** 2)  # H = diag(1, 2), ‖H‖_F² = 5
       >>> tx = phipsimu.frobenius_sam(rho=0.1, num_samples=8, strength=1.0)
       >>> params = jnp.zeros(2)  # a minimum
-      >>> _, state = tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     return tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> _, state = step(params, tx.init(params))
       >>> # a Monte Carlo estimate of strength/4·ρ²·‖H‖_F² = 0.0125 from 8 perturbations
       >>> round(float(state.sharpness_term), 4)
       0.0091
@@ -679,7 +688,10 @@ def random_sam(
       >>> loss = lambda p: jnp.sum(p**2)  # ∇L(x + ρv) = 2x + 2ρv
       >>> tx = phipsimu.random_sam(rho=0.1, num_samples=4, antithetic=True)
       >>> params = jnp.array([3.0, 4.0])
-      >>> updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     return tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> updates, _ = step(params, tx.init(params))
       >>> [round(float(u), 4) for u in updates]  # the pairs ±v cancel: mean ∇L(x ± ρv) = 2x
       [6.0, 8.0]
     """

@@ -34,7 +34,35 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # Examples that cost more than about 2 CPU-seconds each (compiling an eager optax update, a
 # Monte Carlo estimator with a definiteness check, a product density, ...) run in the slow
 # suite; the rest, and the check that every name has an example, in the fast one.
-SLOW: set[str] = set()
+SLOW = {
+    "phipsimu.Ascent",
+    "phipsimu.EigenResult",
+    "phipsimu.Estimate",
+    "phipsimu.InvarianceReport",
+    "phipsimu.SpectralDensity",
+    "phipsimu.average_sharpness",
+    "phipsimu.check_invariance",
+    "phipsimu.curvature",
+    "phipsimu.curvature.DataParallel",
+    "phipsimu.curvature.GaussNewton",
+    "phipsimu.curvature.data_parallel",
+    "phipsimu.frobenius_sam",
+    "phipsimu.hessian_trace",
+    "phipsimu.log_determinant",
+    "phipsimu.measures.determinant",
+    "phipsimu.measures.eigen_moment",
+    "phipsimu.measures.frobenius",
+    "phipsimu.measures.invariant_gaussian",
+    "phipsimu.measures.trace",
+    "phipsimu.mu",
+    "phipsimu.mu.Gaussian",
+    "phipsimu.mu.Lebesgue",
+    "phipsimu.mu.ProductDensity",
+    "phipsimu.mu.lebesgue",
+    "phipsimu.pac_bayes_sigma",
+    "phipsimu.sharpness_aware_loss",
+    "phipsimu.top_eigenvalues",
+}
 
 
 def _public() -> dict[str, object]:

@@ -31,9 +31,10 @@ PUBLIC_MODULES = (
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
-# Examples that cost more than about 2 CPU-seconds each (compiling an eager optax update, a
-# Monte Carlo estimator with a definiteness check, a product density, ...) run in the slow
-# suite; the rest, and the check that every name has an example, in the fast one.
+# Examples that cost more than about 1.2 CPU-seconds each (measured one after the other in one
+# process on the 2-core test machine; mostly compiling an estimator) run in the slow suite.
+# The others (about 25 CPU-seconds together) and the check that every name has an example run
+# in the fast one.
 SLOW = {
     "phipsimu.Ascent",
     "phipsimu.EigenResult",
@@ -58,7 +59,10 @@ SLOW = {
     "phipsimu.mu.Gaussian",
     "phipsimu.mu.Lebesgue",
     "phipsimu.mu.ProductDensity",
+    "phipsimu.mu.Rademacher",
+    "phipsimu.mu.Sphere",
     "phipsimu.mu.lebesgue",
+    "phipsimu.mu.product_density",
     "phipsimu.pac_bayes_sigma",
     "phipsimu.sharpness_aware_loss",
     "phipsimu.top_eigenvalues",

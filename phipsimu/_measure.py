@@ -247,8 +247,9 @@ class Estimate(NamedTuple):
         ``u = w·ψ`` for log-space measures such as the determinant (so a poorly scaled
         proposal shows as a small ESS). Equal to ``num_samples`` for exactly sampled
         probability measures and for the spectral/trace estimators; ``inf`` for a closed form.
-      num_samples: the number of probes (0 for a closed form; an int array once returned
-        from a jitted function).
+      num_samples: the number of probes (0 for a closed form): an int32 array as the
+        estimators return it (their calls are compiled, eager calls included), a Python int
+        over a dataset (``batches``).
       pareto_k: the generalised-Pareto shape k̂ fitted to the largest Monte Carlo terms
         ``|w_i ψ_i|`` (Pareto-smoothed importance sampling; for a vector ψ the terms are
         linearised through φ). Below 0.5 the stderr is reliable; above PSIS's sample-size

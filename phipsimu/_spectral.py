@@ -46,7 +46,9 @@ class EigenResult(NamedTuple):
         ``residual`` of an eigenvalue of H, and within ``residual²/gap`` when the gap to the
         rest of the spectrum is known.
       converged: shape ``(k,)`` bools, ``residual <= tol · max|θ|``.
-      num_matvecs: Hessian-vector products used.
+      num_matvecs: Hessian-vector products used: an int32 array as the estimators return
+        it (their calls are compiled, eager calls included), a Python int over a dataset
+        (``batches``).
       status: int32 bit flags (:class:`phipsimu.Status`, as :attr:`phipsimu.Estimate.status`;
         0 = nothing to report): ``NONFINITE_LOSS`` when a product (so the loss) or a Ritz
         value was NaN or infinite; ``value`` is then NaN. Jit-safe; :meth:`reasons` puts a

@@ -343,6 +343,8 @@ def sphere(*, mask: Any = None) -> Sphere:
       >>> v, logw = phipsimu.mu.sphere().sample(jax.random.key(0), {"w": jnp.ones(3)}, 4)
       >>> v["w"].shape
       (4, 3)
+      >>> [round(float(n), 4) for n in jnp.linalg.norm(v["w"], axis=1)]
+      [1.0, 1.0, 1.0, 1.0]
     """
     return Sphere(mask=mask)
 

@@ -19,6 +19,12 @@ import jax.numpy as jnp
 #: Above this Pareto shape k̂ the estimate and its standard error are not to be trusted
 #: (Vehtari et al.: the Monte Carlo error then converges too slowly for any practical m).
 #: The cap of the sample-size threshold :func:`pareto_k_threshold` that sets the flag.
+#:
+#: Example:
+#:   >>> import math, phipsimu
+#:   >>> # the threshold min(1 − 1/log₁₀ m, cap) for m = 64 and a million samples
+#:   >>> [round(min(1 - 1 / math.log10(m), phipsimu.PARETO_K_THRESHOLD), 3) for m in (64, 10**6)]
+#:   [0.446, 0.7]
 PARETO_K_THRESHOLD = 0.7
 
 #: Cochran's rule: the sample mean is near normal only when ``m >= 25·g₁²``, g₁ the
@@ -42,6 +48,18 @@ class Status(enum.IntFlag):
 
     Combine and test them like any ``enum.IntFlag``: ``est.status & Status.HEAVY_TAILED``;
     :meth:`phipsimu.Estimate.reasons` and :func:`describe_status` turn them into words.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> from phipsimu import Status
+      >>> loss = lambda p: 0.5 * p[0] ** 2  # H = diag(1, 0): singular, det H = 0
+      >>> est = phipsimu.exact_sharpness(loss, phipsimu.measures.determinant())(jnp.ones(2))
+      >>> float(est.value), float(est.log_value), int(est.status)
+      (0.0, -inf, 12)
+      >>> [flag.name for flag in Status if flag and est.status & flag]  # 12 = 4 | 8
+      ['SINGULAR', 'DIVERGENT']
+      >>> bool(est.status & Status.NOT_POSITIVE_DEFINITE)
+      False
     """
 
     OK = 0

@@ -130,8 +130,8 @@ def sharpness(
       >>> loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
       >>> est_fn = jax.jit(phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=16))
       >>> est = est_fn({"w": jnp.ones(3)}, jnp.eye(3), key=jax.random.key(0))
-      >>> est.value.shape
-      ()
+      >>> round(float(est.value), 4)  # H = (2/3)·I, so vᵀHv = Tr(H)/d = 2/3 for every probe
+      0.6667
     """
     op = _curvature.as_operator(loss_fn)
     _check_common(measure, eta)
@@ -254,6 +254,13 @@ def exact_sharpness(
 
     Raises:
       ValueError: when d exceeds ``max_dim`` (raised at call time, d depends on params).
+
+    Example:
+      >>> import jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p**2)  # H = diag(1, 3)
+      >>> est = phipsimu.exact_sharpness(loss, phipsimu.measures.trace())(jnp.ones(2))
+      >>> round(float(est.value), 4), float(est.stderr), int(est.num_samples)  # Tr(H)/d
+      (2.0, 0.0, 0)
     """
     op = _curvature.as_operator(loss_fn)
     _check_common(measure, eta)

@@ -40,6 +40,13 @@ PyTree = Any
 #: Probes per chunk when ``chunk_size=None``. On an MLP 64-256-256-10 with batch 512 (CPU),
 #: chunks of 4 cost 1.0–1.6 gradients per probe for 16–64 probes, a single ``vmap`` over all
 #: probes 2.1–2.2 (``python -m benchmarks``).
+#:
+#: Example:
+#:   >>> import phipsimu
+#:   >>> phipsimu.curvature.DEFAULT_CHUNK
+#:   4
+#:   >>> phipsimu.curvature.default_chunk(1000, 4 * 10**6, backend="cpu")  # whatever the model
+#:   4
 DEFAULT_CHUNK = 4
 
 #: On GPU and TPU, ``chunk_size=None`` evaluates as many probes at once as fit this many bytes
@@ -47,13 +54,30 @@ DEFAULT_CHUNK = 4
 #: and cotangents), up to all of them in one ``vmap``: accelerators are fast when one kernel
 #: sees many probes, and slow on a long sequential loop. Activations are not counted, so a
 #: large batch may need an explicit ``chunk_size``.
+#:
+#: Example:
+#:   >>> import phipsimu
+#:   >>> phipsimu.curvature.ACCELERATOR_CHUNK_BYTES / 2**30  # GiB
+#:   1.0
+#:   >>> # 10⁶ float32 parameters: 4 MiB per probe buffer, 8 buffers per probe
+#:   >>> phipsimu.curvature.default_chunk(256, 4 * 2**20, backend="gpu")  # 2³⁰ / (8·4·2²⁰)
+#:   32
 ACCELERATOR_CHUNK_BYTES = 2**30
 
 
 def default_chunk(num: int, probe_bytes: int, backend: str | None = None) -> int:
     """The chunk size used when ``chunk_size=None``, for ``num`` probes of ``probe_bytes``
     bytes each: :data:`DEFAULT_CHUNK` on CPU (measured fastest there, and memory flat in
-    ``num``), otherwise the largest chunk within :data:`ACCELERATOR_CHUNK_BYTES`."""
+    ``num``), otherwise the largest chunk within :data:`ACCELERATOR_CHUNK_BYTES`.
+
+    Example:
+      >>> import phipsimu
+      >>> probe = 4 * 2**20  # bytes per probe: 10⁶ float32 parameters
+      >>> [phipsimu.curvature.default_chunk(64, probe, backend=b) for b in ("cpu", "gpu")]
+      [4, 32]
+      >>> phipsimu.curvature.default_chunk(16, probe, backend="tpu")  # never more than num
+      16
+    """
     backend = jax.default_backend() if backend is None else backend
     if backend == "cpu":
         return DEFAULT_CHUNK

@@ -404,6 +404,18 @@ class Ascent(NamedTuple):
       restart_values: shape ``(num_restarts,)``, each restart's best ``L(x+δ) − L(x)``.
       converged: shape ``(num_restarts,)``, whether each restart's best value rose by at
         most ``rtol`` (relative) over its last window of steps.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p**2)  # λ_max along e₂
+      >>> est, ascent = phipsimu.worst_case_sharpness(loss, rho=0.1, return_maximiser=True)(
+      ...     jnp.zeros(2), key=jax.random.key(0))
+      >>> [round(float(x), 4) for x in jnp.abs(ascent.perturbation)]  # δ = ±ρ e₂
+      [0.0, 0.1]
+      >>> [round(float(v), 4) for v in ascent.restart_values]  # each ρ²·3/2
+      [0.015, 0.015, 0.015, 0.015]
+      >>> bool(ascent.converged.all())
+      True
     """
 
     perturbation: PyTree

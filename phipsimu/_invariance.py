@@ -195,6 +195,12 @@ class VolumeFactor(NamedTuple):
     Attributes:
       value: ``det D`` (may over- or underflow for large models; use ``log_value``).
       log_value: ``log|det D| = Σᵢ log|Dᵢᵢ|``, summed leaf by leaf.
+
+    Example:
+      >>> import jax.numpy as jnp, phipsimu
+      >>> vf = phipsimu.symmetries.volume_factor(jnp.ones(2), lambda x: x * jnp.array([2.0, 3.0]))
+      >>> round(float(vf.value), 4), round(float(vf.log_value), 4)  # det D = 6, log 6
+      (6.0, 1.7918)
     """
 
     value: jax.Array
@@ -307,6 +313,19 @@ class InvarianceReport(NamedTuple):
         ``Status.DIVERGENT``: its integral is provably infinite, so there is no finite
         measure to compare, however equal the two zeros), ``"undefined"`` (an estimate is
         NaN).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda x: (x[0] * x[1] - 1.0) ** 2  # Example 1: L(Dx) = L(x), D = diag(c, 1/c)
+      >>> rep = phipsimu.check_invariance(
+      ...     loss, phipsimu.measures.trace(), jnp.array([1.0, 1.0]),
+      ...     lambda x: x * jnp.array([2.0, 0.5]), key=jax.random.key(0))
+      >>> bool(rep.loss_preserved), round(float(rep.volume_factor.value), 4)  # det D = 1
+      (True, 1.0)
+      >>> # Tr(H)/d = x₁² + x₂² on the manifold: the exact ratio is (4 + 1/4)/(1 + 1) = 2.125;
+      >>> # this is the ratio of two Monte Carlo estimates (default num_samples, same probes)
+      >>> round(float(rep.ratio), 4), rep.invariant, rep.verdict
+      (2.0736, False, 'not invariant')
     """
 
     loss: jax.Array

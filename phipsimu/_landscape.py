@@ -361,6 +361,19 @@ def plot(
 
     Returns:
       the matplotlib axes.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np, phipsimu
+      >>> c1 = np.linspace(-1.0, 1.0, 5)
+      >>> z = phipsimu.landscape.surface(  # a slice along the first axis
+      ...     lambda p: jnp.sum(p**2), jnp.zeros(2), directions=(jnp.array([1.0, 0.0]),), coords=c1)
+      >>> ax = phipsimu.landscape.plot(z, c1, radius=0.5)
+      >>> ax.get_xlabel(), len(ax.lines)  # the slice, and the lines at ±radius
+      ('c1', 3)
+      >>> ax.lines[0].get_ydata().tolist()
+      [1.0, 0.25, 0.0, 0.25, 1.0]
+      >>> import matplotlib.pyplot as plt
+      >>> plt.close(ax.figure)
     """
     import matplotlib.pyplot as plt
 

@@ -52,6 +52,18 @@ class Measure:
         otherwise (the product densities of Theorem 1, ``invariant_gaussian``); estimators
         then detect provable divergence with a short Lanczos run (see ``invariant_gaussian``).
       name: a short label for tables and reprs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> # S = (E_sphere[(vᵀHv)²])^½, with its closed form for exact_sharpness
+      >>> rms = phipsimu.Measure(jnp.sqrt, jnp.square, phipsimu.mu.sphere(),
+      ...     spectral=lambda eigs: jnp.sqrt(phipsimu.measures.sphere_moment(eigs, 2)))
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p**2)  # H = diag(1, 3)
+      >>> est = phipsimu.exact_sharpness(loss, rms)(jnp.ones(2))
+      >>> round(float(est.value), 4)  # √((Tr(H)² + 2 Tr(H²))/(d(d+2))) = √4.5
+      2.1213
+      >>> phipsimu.measures.trace() == phipsimu.measures.trace()  # hashable, comparable
+      True
     """
 
     phi: Callable[..., Any]
@@ -235,8 +247,9 @@ class Estimate(NamedTuple):
         ``u = w·ψ`` for log-space measures such as the determinant (so a poorly scaled
         proposal shows as a small ESS). Equal to ``num_samples`` for exactly sampled
         probability measures and for the spectral/trace estimators; ``inf`` for a closed form.
-      num_samples: the number of probes (0 for a closed form; an int array once returned
-        from a jitted function).
+      num_samples: the number of probes (0 for a closed form): an int32 array as the
+        estimators return it (their calls are compiled, eager calls included), a Python int
+        over a dataset (``batches``).
       pareto_k: the generalised-Pareto shape k̂ fitted to the largest Monte Carlo terms
         ``|w_i ψ_i|`` (Pareto-smoothed importance sampling; for a vector ψ the terms are
         linearised through φ). Below 0.5 the stderr is reliable; above PSIS's sample-size
@@ -257,6 +270,16 @@ class Estimate(NamedTuple):
         probes): over that share of the d terms ``log(λ + δ)`` is within log 2 of
         ``log δ``, i.e. set by the damping. Above 0.5, ``Status.DAMPING_DOMINATED``. None
         for other estimates.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p**2)  # H = diag(1, 3)
+      >>> est = phipsimu.sharpness(loss, phipsimu.measures.trace(), num_samples=64)(
+      ...     jnp.ones(2), key=jax.random.key(0))
+      >>> print(f"{est.value:.3f} ± {est.stderr:.3f}")  # Monte Carlo estimate of Tr(H)/d = 2
+      2.038 ± 0.091
+      >>> int(est.num_samples), round(float(est.ess), 1), bool(est.ok), est.reasons()
+      (64, 64.0, True, [])
     """
 
     value: Any
@@ -519,6 +542,17 @@ def determinant(*, scale: float | None = None, mask: Any = None) -> Measure:
         from the curvature as above. If you set it, keep ``s² > 1/(2·λ_min)``: about
         ``1/sqrt(λ_min)``, not ``1/sqrt`` of a typical eigenvalue.
       mask: which leaves to perturb.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([2.0, 3.0]) * p**2)  # det H = 6
+      >>> est = phipsimu.sharpness(loss, phipsimu.measures.determinant(), num_samples=256)(
+      ...     jnp.ones(2), key=jax.random.key(0))
+      >>> print(f"{est.value:.2f} ± {est.stderr:.2f}")  # importance sampling, s² = 1/λ_min
+      5.78 ± 0.16
+      >>> est = phipsimu.exact_sharpness(loss, phipsimu.measures.determinant())(jnp.ones(2))
+      >>> round(float(est.value), 4), round(float(est.log_value), 4)  # 6 and log 6
+      (6.0, 1.7918)
     """
     return Measure(
         _det_phi,
@@ -539,6 +573,14 @@ def gaussian_moments(eigs: jax.Array, n: int) -> jax.Array:
 
     Uses the cumulants ``κ_k = 2^{k−1}(k−1)! Tr(H^k)`` and the moment recursion
     ``m_n = Σ_k C(n−1, k−1) κ_k m_{n−k}``.
+
+    Example:
+      >>> import jax.numpy as jnp, phipsimu
+      >>> eigs = jnp.array([1.0, 3.0])
+      >>> [round(float(phipsimu.measures.gaussian_moments(eigs, n)), 4) for n in (1, 2)]
+      [4.0, 36.0]
+
+      (``Tr H = 4`` and ``Tr(H)² + 2 Tr(H²) = 16 + 20``.)
     """
     kappa: list[Any] = [None] + [
         2.0 ** (k - 1) * math.factorial(k - 1) * jnp.sum(eigs**k) for k in range(1, n + 1)
@@ -553,6 +595,14 @@ def gaussian_moments(eigs: jax.Array, n: int) -> jax.Array:
 
 def sphere_moment(eigs: jax.Array, n: int) -> jax.Array:
     """``p(λ) = E_sphere[(vᵀHv)^n] = E_gauss[(gᵀHg)^n] / ∏_{j<n}(d + 2j)``.
+
+    Example:
+      >>> import jax.numpy as jnp, phipsimu
+      >>> eigs = jnp.array([1.0, 3.0])
+      >>> [round(float(phipsimu.measures.sphere_moment(eigs, n)), 4) for n in (1, 2)]
+      [2.0, 4.5]
+
+      (``Tr(H)/d = 4/2`` and ``36/(d(d + 2)) = 36/8``.)
 
     Reference: docs/conventions.md, "Table 1 presets".
     """
@@ -586,6 +636,17 @@ def eigen_moment(n: int, *, phi: Callable[[Any], Any] = _identity, mask: Any = N
       n: the power, an int >= 1.
       phi: any JAX-traceable scalar function (default: identity).
       mask: which leaves to perturb.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p**2)  # H = diag(1, 3)
+      >>> measure = phipsimu.measures.eigen_moment(2)
+      >>> round(float(phipsimu.exact_sharpness(loss, measure)(jnp.ones(2)).value), 4)
+      4.5
+      >>> est = phipsimu.sharpness(loss, measure, num_samples=256)(
+      ...     jnp.ones(2), key=jax.random.key(0))
+      >>> print(f"{est.value:.2f} ± {est.stderr:.2f}")  # Monte Carlo, E[(vᵀHv)²] on the sphere
+      4.27 ± 0.17
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: must be an int >= 1")
@@ -624,6 +685,17 @@ def frobenius(*, mask: Any = None) -> Measure:
     "Frobenius"). The estimate
     uses the unbiased sample variance (denominator m − 1), not the plug-in, which is biased
     by (m − 1)/m. Needs at least 2 samples.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p**2)  # ‖H‖_F² = 1 + 9
+      >>> measure = phipsimu.measures.frobenius()
+      >>> round(float(phipsimu.exact_sharpness(loss, measure)(jnp.ones(2)).value), 4)
+      10.0
+      >>> est = phipsimu.sharpness(loss, measure, num_samples=256)(
+      ...     jnp.ones(2), key=jax.random.key(0))
+      >>> print(f"{est.value:.2f} ± {est.stderr:.2f}")  # Monte Carlo, Var[gᵀHg]/2
+      7.94 ± 2.06
     """
     return Measure(
         _frob_phi,

@@ -70,6 +70,18 @@ class Sampler:
     Attributes:
       mask: which leaves are perturbed: ``None`` (every floating leaf), a pytree of bools
         shaped like the params (as in ``optax.masked``) or a callable ``params -> mask``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> mu = phipsimu.mu.rademacher(mask={"b": False, "w": True})
+      >>> isinstance(mu, phipsimu.mu.Sampler)
+      True
+      >>> params = {"b": jnp.zeros(2), "w": jnp.ones(3)}
+      >>> mu.perturbed(params), mu.dim(params)  # per leaf (in pytree order), and d
+      ((False, True), 3)
+      >>> v, log_w = mu.sample(jax.random.key(0), params, 2)
+      >>> v["b"].tolist(), v["w"].shape, log_w.tolist()  # masked leaves are zero
+      ([[0.0, 0.0], [0.0, 0.0]], (2, 3), [0.0, 0.0])
     """
 
     mask: Any = None
@@ -224,7 +236,16 @@ def _packed_signs(k: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Sphere(Sampler):
-    """Uniform probability measure on the unit sphere of the whole perturbed vector."""
+    """Uniform probability measure on the unit sphere of the whole perturbed vector.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> params = {"a": jnp.ones(2), "b": jnp.ones(1)}
+      >>> v, _ = phipsimu.mu.sphere().sample(jax.random.key(0), params, 3)
+      >>> norms = jnp.sqrt(jnp.sum(v["a"] ** 2, axis=1) + v["b"][:, 0] ** 2)
+      >>> [round(float(n), 4) for n in norms]  # unit norm across both leaves together
+      [1.0, 1.0, 1.0]
+    """
 
     def _draw(self, key, like, num, perturbed, d):
         g = _tree.random_like(key, like, perturbed, num, _normal)
@@ -237,7 +258,17 @@ class Sphere(Sampler):
 
 @dataclasses.dataclass(frozen=True)
 class Gaussian(Sampler):
-    """The probability measure N(0, stddev² I) on the perturbed coordinates."""
+    """The probability measure N(0, stddev² I) on the perturbed coordinates.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> mu = phipsimu.mu.Gaussian(stddev=0.5)
+      >>> mu == phipsimu.mu.gaussian(stddev=0.5)
+      True
+      >>> v, _ = mu.sample(jax.random.key(0), jnp.zeros(4), 1000)
+      >>> round(float(jnp.mean(v**2)), 2)  # Monte Carlo estimate of stddev² = 0.25
+      0.24
+    """
 
     stddev: float = 1.0
 
@@ -251,7 +282,17 @@ class Gaussian(Sampler):
 
 @dataclasses.dataclass(frozen=True)
 class Rademacher(Sampler):
-    """Independent ±1 coordinates (a probability measure; E[vvᵀ] = I)."""
+    """Independent ±1 coordinates (a probability measure; E[vvᵀ] = I).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> v, _ = phipsimu.mu.Rademacher().sample(jax.random.key(0), jnp.zeros(3), 1000)
+      >>> sorted(set(v.ravel().tolist()))
+      [-1.0, 1.0]
+      >>> second_moment = jnp.mean(v[:, :, None] * v[:, None, :], axis=0)  # E[vvᵀ] = I
+      >>> (jnp.round(second_moment, 1) + 0.0).tolist()  # (+ 0.0 turns −0.0 into 0.0)
+      [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
 
     def _draw(self, key, like, num, perturbed, d):
         v = _tree.random_like(key, like, perturbed, num, _packed_signs)
@@ -267,6 +308,15 @@ class Lebesgue(Sampler):
     only if ``scale² > 1/(2·λ_min)`` (λ_min the smallest eigenvalue of H); ``scale=None``
     leaves the choice to the estimator (:func:`phipsimu.sharpness` picks ``scale² = 1/λ_min``
     from its Lanczos check) and draws at scale 1 elsewhere.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> v, log_w = phipsimu.mu.Lebesgue(scale=1.0).sample(jax.random.key(0), jnp.zeros(2), 4)
+      >>> bool(jnp.allclose(log_w, jnp.log(2 * jnp.pi) + 0.5 * jnp.sum(v**2, axis=1)))
+      True
+      >>> # ∫exp(−‖v‖²/2)dv = 2π: with this proposal every term w·ψ is 2π exactly
+      >>> [round(float(x), 4) for x in jnp.exp(log_w - 0.5 * jnp.sum(v**2, axis=1))]
+      [6.2832, 6.2832, 6.2832, 6.2832]
     """
 
     scale: float | None = 1.0
@@ -293,17 +343,34 @@ def sphere(*, mask: Any = None) -> Sphere:
       >>> v, logw = phipsimu.mu.sphere().sample(jax.random.key(0), {"w": jnp.ones(3)}, 4)
       >>> v["w"].shape
       (4, 3)
+      >>> [round(float(n), 4) for n in jnp.linalg.norm(v["w"], axis=1)]
+      [1.0, 1.0, 1.0, 1.0]
     """
     return Sphere(mask=mask)
 
 
 def gaussian(*, stddev: float = 1.0, mask: Any = None) -> Gaussian:
-    """The Gaussian probability measure N(0, stddev² I) on the perturbed coordinates."""
+    """The Gaussian probability measure N(0, stddev² I) on the perturbed coordinates.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> mu = phipsimu.mu.gaussian(stddev=2.0, mask={"b": False, "w": True})
+      >>> v, log_w = mu.sample(jax.random.key(0), {"b": jnp.zeros(1), "w": jnp.zeros(2)}, 2)
+      >>> v["b"].tolist(), v["w"].shape, log_w.tolist()  # a probability measure: log w = 0
+      ([[0.0], [0.0]], (2, 2), [0.0, 0.0])
+    """
     return Gaussian(mask=mask, stddev=_checks.real("stddev", stddev, lo=0.0, strict=True))
 
 
 def rademacher(*, mask: Any = None) -> Rademacher:
-    """Independent Rademacher (±1) coordinates on the perturbed leaves."""
+    """Independent Rademacher (±1) coordinates on the perturbed leaves.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> v, _ = phipsimu.mu.rademacher().sample(jax.random.key(0), jnp.zeros(3), 2)
+      >>> bool(jnp.all(jnp.abs(v) == 1.0)), v.shape
+      (True, (2, 3))
+    """
     return Rademacher(mask=mask)
 
 
@@ -360,6 +427,14 @@ def lebesgue(*, scale: float | None = 1.0, mask: Any = None) -> Lebesgue:
         :func:`phipsimu.sharpness` (``scale² = 1/λ_min`` from its Lanczos check; 1 where no
         check runs).
       mask: which leaves to perturb.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> mu = phipsimu.mu.lebesgue(scale=0.8)
+      >>> v, log_w = mu.sample(jax.random.key(0), jnp.zeros(2), 4096)
+      >>> # importance sampling of ∫exp(−‖v‖²)dv over R² = π
+      >>> round(float(jnp.mean(jnp.exp(log_w - jnp.sum(v**2, axis=1)))), 2)
+      3.14
     """
     if scale is not None:
         scale = _checks.real("scale", scale, lo=0.0, strict=True)
@@ -497,6 +572,17 @@ class ProductDensity(Sampler):
       scale: σ, the proposal's standard deviation in the equivariant coordinates.
       groups: frozen group ids, or None (one group: all perturbed coordinates).
       eps: the floor of ``T_x = max(|x|, eps)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> mu = phipsimu.mu.product_density(lambda s, la: -jnp.exp(2 * la))  # f(t) = exp(−t²)
+      >>> mu.scale, mu.eps, mu.groups
+      (1.0, 1e-06, None)
+      >>> x, d = jnp.array([4.0, 0.25]), jnp.array([0.5, 2.0])  # det D = 1
+      >>> v, log_w = mu.sample(jax.random.key(0), x, 3)
+      >>> v_d, log_w_d = mu.sample(jax.random.key(0), d * x, 3)
+      >>> bool(jnp.allclose(v_d, d * v)), bool(jnp.allclose(log_w_d, log_w))  # equivariant
+      (True, True)
     """
 
     log_f: Any = None

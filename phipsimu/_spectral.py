@@ -46,11 +46,24 @@ class EigenResult(NamedTuple):
         ``residual`` of an eigenvalue of H, and within ``residual²/gap`` when the gap to the
         rest of the spectrum is known.
       converged: shape ``(k,)`` bools, ``residual <= tol · max|θ|``.
-      num_matvecs: Hessian-vector products used.
+      num_matvecs: Hessian-vector products used: an int32 array as the estimators return
+        it (their calls are compiled, eager calls included), a Python int over a dataset
+        (``batches``).
       status: int32 bit flags (:class:`phipsimu.Status`, as :attr:`phipsimu.Estimate.status`;
         0 = nothing to report): ``NONFINITE_LOSS`` when a product (so the loss) or a Ritz
         value was NaN or infinite; ``value`` is then NaN. Jit-safe; :meth:`reasons` puts a
         concrete status into words.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 3.0]) * p**2)  # H = diag(1, 2, 3)
+      >>> eig = phipsimu.top_eigenvalues(loss, 1)(jnp.ones(3), key=jax.random.key(0))
+      >>> round(float(eig.value[0]), 4), bool(eig.converged[0]), int(eig.num_matvecs)
+      (3.0, True, 3)
+      >>> [round(float(x), 4) for x in jnp.abs(eig.vectors[0])]  # the eigenvector e₃
+      [0.0, 0.0, 1.0]
+      >>> bool(eig.ok), eig.reasons()
+      (True, [])
     """
 
     value: jax.Array
@@ -104,6 +117,19 @@ class SpectralDensity(NamedTuple):
       density: shape ``(grid_size,)``, ``(1/m) Σⱼ Σᵢ wⱼᵢ N(t; θⱼᵢ, σ²)``; integrates to 1.
       stderr: shape ``(grid_size,)``, the standard error of ``density`` over probes.
       bandwidth: σ, the standard deviation of the Gaussian kernel.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 3.0, 4.0]) * p**2)
+      >>> dens = phipsimu.spectral_density(loss, num_samples=2, num_iterations=4, grid_size=400)(
+      ...     jnp.ones(4), key=jax.random.key(0))
+      >>> dens.nodes.shape, dens.density.shape
+      ((2, 4), (400,))
+      >>> step = dens.grid[1] - dens.grid[0]
+      >>> round(float(jnp.sum(dens.density) * step), 3)  # the smoothed density integrates to 1
+      1.0
+      >>> round(float(jnp.sum(dens.grid * dens.density) * step), 3)  # its mean: Tr(H)/d = 2.5
+      2.5
     """
 
     nodes: jax.Array
@@ -233,6 +259,14 @@ def power_iteration(
 
     Returns:
       ``eig(params, *args, key, batches=None) -> EigenResult`` with ``k = 1``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 4.0]) * p**2)  # H = diag(1, 2, 4)
+      >>> eig_fn = phipsimu.power_iteration(loss, num_iterations=40)
+      >>> eig = eig_fn(jnp.ones(3), key=jax.random.key(0))
+      >>> round(float(eig.value[0]), 4), bool(eig.converged[0])  # error ~ (2/4)^(2·40)
+      (4.0, True)
     """
     op = _curvature.as_operator(loss_fn)
     _checks.integer("num_iterations", num_iterations, lo=1)
@@ -426,6 +460,14 @@ def trace_function(
     Returns:
       ``estimate(params, *args, key, batches=None) -> Estimate`` (``num_samples`` = m).
 
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 3.0, 4.0]) * p**2)
+      >>> est = phipsimu.trace_function(loss, jnp.square, num_samples=4, num_iterations=4)(
+      ...     jnp.ones(4), key=jax.random.key(0))
+      >>> round(float(est.value), 3)  # Tr H² = 1 + 4 + 9 + 16; exact: n = d, H diagonal
+      30.0
+
     Reference: Ubaru, Chen & Saad (2017); Golub & Meurant (2010).
     """
     if not callable(f):
@@ -608,6 +650,18 @@ def spectral_density(
 
     Returns:
       ``density(params, *args, key, batches=None) -> SpectralDensity``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 3.0, 4.0]) * p**2)
+      >>> dens = phipsimu.spectral_density(loss, num_samples=2, num_iterations=4)(
+      ...     jnp.ones(4), key=jax.random.key(0))
+      >>> [round(float(t), 3) for t in dens.nodes[0]]  # with n = d the nodes are H's eigenvalues
+      [1.0, 2.0, 3.0, 4.0]
+      >>> [round(float(w), 3) for w in dens.weights[0]]  # each of weight 1/d
+      [0.25, 0.25, 0.25, 0.25]
+      >>> round(float(dens.bandwidth), 3)  # (θ_max − θ_min)/n
+      0.75
 
     Reference: Lin, Saad & Yang (2016); Ghorbani, Krishnan & Xiao (2019); Yao et al. (2020).
     """

@@ -180,6 +180,19 @@ def hessian_trace(
       attribute is the number of random probes drawn (the budget for Hutchinson, 2m/3 for
       Hutch++, m/2 for XTrace).
 
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> a = jnp.array([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 1.0]])  # Tr A = 5
+      >>> loss = lambda p: 0.5 * p @ a @ p  # its Hessian is A
+      >>> est = phipsimu.hessian_trace(loss, num_samples=8)(jnp.ones(3), key=jax.random.key(0))
+      >>> # Hutchinson, Rademacher v: vᵀAv = Tr A + 2·A₁₂·v₁v₂, and v₁v₂ = ±1 at random
+      >>> print(f"{est.value:.3f} ± {est.stderr:.3f}")
+      5.500 ± 0.732
+      >>> est = phipsimu.hessian_trace(loss, num_samples=6, method="xtrace")(
+      ...     jnp.ones(3), key=jax.random.key(0))
+      >>> round(float(est.value), 3)  # 3 probes span d = 3: the low-rank part is all of A
+      5.0
+
     Reference: Hutchinson (1989); Meyer, Musco, Musco & Woodruff (2021), Alg. 1;
     Epperly, Tropp & Webber (2024), Alg. 2.
     """

@@ -71,6 +71,17 @@ class SamState(NamedTuple):
       epsilon_norm: ``‖ε‖`` (ρ for SAM unless the gradient is 0).
       nonfinite_count: int32, the number of steps so far whose perturbed loss or gradient
         was not finite (with ``skip_nonfinite=True`` they returned the incoming updates).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> tx = phipsimu.sam(rho=0.05)
+      >>> params = jnp.array([3.0, 4.0])
+      >>> _, state = tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+      >>> round(float(state.perturbed_loss), 4)  # L(x + ε) = 3.03² + 4.04²
+      25.5025
+      >>> round(float(state.epsilon_norm), 4), int(state.nonfinite_count)
+      (0.05, 0)
     """
 
     perturbed_loss: jax.Array
@@ -96,6 +107,24 @@ class SharpnessAwareState(NamedTuple):
         the measure is nonlinear, so the update's weights were rounding noise. Use a larger
         ``rho`` (or float64). Never counted for the trace measure (``random_sam``), whose
         weights do not depend on the curvatures.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> tx = phipsimu.sharpness_aware(
+      ...     phipsimu.measures.trace(), rho=0.1, num_samples=4, antithetic=True)
+      >>> params = jnp.array([3.0, 4.0])
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     return tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> _, state = step(params, tx.init(params))
+      >>> round(float(state.loss), 4), state.perturbed_losses.shape  # L(x), L(x ± ρvᵢ)
+      (25.0, (4,))
+      >>> # s·ρ²·mean 2(L(x + ρv) − L(x))/ρ² over ±v on the unit sphere: ρ²·vᵀHv = 0.01·2
+      >>> round(float(state.sharpness_term), 4)
+      0.02
+      >>> int(state.nonfinite_count), int(state.unresolved_count)
+      (0, 0)
     """
 
     rng_key: jax.Array
@@ -323,7 +352,10 @@ def sharpness_aware(
       >>> loss = lambda p: jnp.sum(p**2)
       >>> params = jnp.ones(3)
       >>> state = tx.init(params)
-      >>> updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     return tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> updates, state = step(params, state)
       >>> int(optax.tree.get(state, "nonfinite_count"))
       0
     """
@@ -505,6 +537,19 @@ def sam(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`SamState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, phipsimu
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> params = jnp.array([3.0, 4.0])  # g = 2x = (6, 8), ‖g‖ = 10
+      >>> tx = phipsimu.sam(rho=0.05)
+      >>> updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+      >>> [round(float(u), 4) for u in updates]  # ∇L(x + ε), ε = 0.05·g/‖g‖ = (0.03, 0.04)
+      [6.06, 8.08]
+      >>> tx = optax.chain(phipsimu.sam(rho=0.05), optax.sgd(0.1))  # SAM with SGD
+      >>> updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+      >>> [round(float(u), 4) for u in updates]
+      [-0.606, -0.808]
     """
     _checks.real("rho", rho, lo=0.0, strict=False)
     _checks.real("eta", eta, lo=0.0, strict=False)
@@ -597,6 +642,19 @@ def frobenius_sam(
       rho, num_samples, seed, antithetic, axis_name, sync, sample_axis, mask,
         skip_nonfinite, has_aux: as in :func:`sharpness_aware`.
       lam: Frob-SAM's λ >= 0, the weight of ``Var_v L(x + ρv)/(2ρ²)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: 0.5 * (p[0] ** 2 + 2.0 * p[1] ** 2)  # H = diag(1, 2), ‖H‖_F² = 5
+      >>> tx = phipsimu.frobenius_sam(rho=0.1, num_samples=8, lam=1.0)
+      >>> params = jnp.zeros(2)  # a minimum
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     return tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> _, state = step(params, tx.init(params))
+      >>> # a Monte Carlo estimate of λ/4·ρ²·‖H‖_F² = 0.0125 from 8 perturbations
+      >>> round(float(state.sharpness_term), 4)
+      0.0091
     """
     _checks.real("lam", lam, lo=0.0, strict=False)
     return sharpness_aware(
@@ -634,6 +692,18 @@ def random_sam(
     Implemented as the trace preset with strength ½: ``L + ρ²·½·mean 2(L(x+ρv) − L(x))/ρ²
     = mean L(x+ρv)``, so with ``updates = ∇L`` the output is ``mean_i ∇L(x + ρv_i)``. Its
     explicit bias is Tr(H)/d (Wen et al.). Other arguments as in :func:`sharpness_aware`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> loss = lambda p: jnp.sum(p**2)  # ∇L(x + ρv) = 2x + 2ρv
+      >>> tx = phipsimu.random_sam(rho=0.1, num_samples=4, antithetic=True)
+      >>> params = jnp.array([3.0, 4.0])
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     return tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      >>> updates, _ = step(params, tx.init(params))
+      >>> [round(float(u), 4) for u in updates]  # the pairs ±v cancel: mean ∇L(x ± ρv) = 2x
+      [6.0, 8.0]
     """
     return sharpness_aware(
         _measure.trace(),

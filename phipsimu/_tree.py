@@ -124,6 +124,19 @@ def layer_blocks(params: PyTree) -> PyTree:
     For ``[{"w", "b"}, {"w", "b"}]`` the labels are ``"0"`` and ``"1"``; for a flax tree
     ``{"params": {"Dense_0": {"kernel", "bias"}}}`` they are ``"params/Dense_0"``. Pass as
     ``blocks=phipsimu.layer_blocks`` to any spectral estimator.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, phipsimu
+      >>> params = [{"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, {"w": jnp.ones(3)}]
+      >>> phipsimu.layer_blocks(params)
+      [{'b': '0', 'w': '0'}, {'w': '1'}]
+      >>> def loss(p):  # Hessian: I on layer 0 (6 coordinates), 2I on layer 1 (3)
+      ...     first = jnp.sum(p[0]["w"] ** 2) + jnp.sum(p[0]["b"] ** 2)
+      ...     return 0.5 * first + jnp.sum(p[1]["w"] ** 2)
+      >>> traces = phipsimu.hessian_trace(loss, num_samples=4, blocks=phipsimu.layer_blocks)(
+      ...     params, key=jax.random.key(0))
+      >>> {label: round(float(est.value), 3) for label, est in traces.items()}
+      {'0': 6.0, '1': 6.0}
     """
     return jax.tree_util.tree_map_with_path(
         lambda path, _: jax.tree_util.keystr(path[:-1], simple=True, separator="/"), params

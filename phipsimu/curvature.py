@@ -13,6 +13,14 @@ Each is a frozen, hashable :class:`Operator` with ``matvec(params, v, *args)``,
 
 Execution: with ``chunk_size=None`` probes are evaluated :data:`DEFAULT_CHUNK` at a time on CPU
 and, on GPU/TPU, as many at once as fit :data:`ACCELERATOR_CHUNK_BYTES` (:func:`default_chunk`).
+
+Example:
+  >>> import jax, jax.numpy as jnp, phipsimu
+  >>> a = jnp.array([[2.0, 1.0], [1.0, 2.0]])  # eigenvalues 3 and 1
+  >>> op = phipsimu.curvature.linear_operator(lambda p, v: a @ v)
+  >>> eig = phipsimu.top_eigenvalues(op, 2)(jnp.zeros(2), key=jax.random.key(0))
+  >>> [round(float(x), 4) for x in eig.value]
+  [3.0, 1.0]
 """
 
 from phipsimu._curvature import (

@@ -25,7 +25,7 @@ import phipsimu  # noqa: E402
 
 project = "phipsimu"
 author = "phipsimu contributors"
-copyright = "phipsimu contributors, Apache-2.0"  # noqa: A001
+copyright = "phipsimu contributors, Apache-2.0"
 release = version = phipsimu.__version__
 
 extensions = [
@@ -63,12 +63,33 @@ napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # NamedTuple fields: listed in their class, not described twice
 
 
-def _skip_field_aliases(app, what, name, obj, skip, options):
+def _skip_member(app, what, name, obj, skip, options):
     """A NamedTuple's fields are documented in its "Attributes" section; autodoc would add
     each again as a member whose docstring is "Alias for field number N"."""
     if (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
         return True
     return None
+
+
+def _defining_comment(name: str) -> list[str]:
+    """The ``#:`` comment above ``name`` in the private module that defines it."""
+    from sphinx.pycode import ModuleAnalyzer
+
+    for modname in sorted(m for m in sys.modules if m.startswith("phipsimu._")):
+        try:
+            docs = ModuleAnalyzer.for_module(modname).find_attr_docs()
+        except Exception:  # a module without source (compiled): nothing to find there
+            continue
+        if ("", name) in docs:
+            return list(docs[("", name)])
+    return []
+
+
+def _constant_docs(app, what, name, obj, options, lines):
+    """A constant re-exported by a public module (``autodata`` in api.md) is described by
+    its ``#:`` comment where it is defined, not by the docstring of its type (``int``)."""
+    if what == "data":
+        lines[:] = _defining_comment(name.rsplit(".", 1)[-1])
 
 
 def _plain_bars(app, what, name, obj, options, lines):
@@ -86,8 +107,10 @@ def _plain_bars(app, what, name, obj, options, lines):
 
 
 def setup(app):
-    app.connect("autodoc-skip-member", _skip_field_aliases)
+    app.connect("autodoc-skip-member", _skip_member)
+    app.connect("autodoc-process-docstring", _constant_docs)
     app.connect("autodoc-process-docstring", _plain_bars)
+
 
 html_theme = "sphinx_book_theme"
 html_title = f"phipsimu {release}"

@@ -57,7 +57,7 @@ def site(tmp_path_factory):
 
 
 def documented(html: str) -> set[str]:
-    return set(re.findall(r'id="([\w.]+)"', html))
+    return set(re.findall(r'id="([\w.-]+)"', html))
 
 
 def test_every_public_name_is_documented(site):

@@ -48,19 +48,20 @@ def sphinx_build(
     )
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    out = tmp_path_factory.mktemp("html")
-    result = sphinx_build(ROOT / "docs", out)
+def test_site_builds(tmp_path):
+    """One build (about 20 s), then what it must contain. One test, so that pytest-xdist
+    cannot build it twice on two workers."""
+    result = sphinx_build(ROOT / "docs", tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    return out
+    check_every_public_name_is_documented(tmp_path)
+    check_guides_and_notebooks_are_pages(tmp_path)
 
 
 def documented(html: str) -> set[str]:
     return set(re.findall(r'id="([\w.-]+)"', html))
 
 
-def test_every_public_name_is_documented(site):
+def check_every_public_name_is_documented(site: Path) -> None:
     ids = documented((site / "api.html").read_text(encoding="utf-8"))
     for name in phipsimu.__all__:
         obj = getattr(phipsimu, name)
@@ -80,7 +81,7 @@ def test_every_public_name_is_documented(site):
             assert f"phipsimu.{sub}.{name}" in ids, f"phipsimu.{sub}.{name} is not documented"
 
 
-def test_guides_and_notebooks_are_pages(site):
+def check_guides_and_notebooks_are_pages(site: Path) -> None:
     for page in ("getting_started", "study", "benchmarks", "conventions", "guides/flax"):
         assert (site / f"{page}.html").exists(), page
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))

@@ -1,4 +1,4 @@
-"""Run every benchmark in one process and write JSON plus the Markdown table the README shows.
+"""Run every benchmark in one process; write JSON and the Markdown table of benchmarks/README.md.
 
     python -m benchmarks [--quick] [--repeats 7] [--only cost memory ...] [--out DIR] [--readme]
 
@@ -11,7 +11,7 @@ goals and the execution strategy on every model of ``benchmarks/zoo.py`` at benc
 Every timed figure is a median over interleaved repeats after warm-up. Results go to
 ``DIR/<machine>.json`` and ``DIR/<machine>.md`` (default ``benchmarks/results``), with the
 machine (CPU model, cores, backend, device kind, jax version) and the load average before and
-after. ``--readme`` copies the table into README.md between its benchmark markers. ``--quick``
+after. ``--readme`` copies the table into benchmarks/README.md between its markers. ``--quick``
 is a smoke test (small sizes, two repeats, under a minute), whose numbers mean nothing.
 """
 
@@ -47,7 +47,7 @@ def _fmt(value, digits=3):
 
 
 def markdown(result: dict) -> str:
-    """The README table: one row per figure, with goal, whether met, and the cause of a miss."""
+    """The benchmarks/README.md table: a row per figure, with goal, whether met, cause of a miss."""
     info = result["machine"]
     lines = [
         f"Command: `{result['command']}` ({result['seconds']:.0f} s). "
@@ -108,7 +108,7 @@ def _details(f: dict) -> str:
     return ""
 
 
-def update_readme(table: str, readme: Path = ROOT / "README.md") -> None:
+def update_readme(table: str, readme: Path = ROOT / "benchmarks" / "README.md") -> None:
     text = readme.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{readme}: no {START} ... {END} markers to put the table between")
@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (7)")
     parser.add_argument("--only", nargs="+", choices=list(SUITES), default=list(SUITES))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--readme", action="store_true", help="copy the table into README.md")
+    parser.add_argument(
+        "--readme", action="store_true", help="copy the table into benchmarks/README.md"
+    )
     parser.add_argument(
         "--merge",
         nargs="+",

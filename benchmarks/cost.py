@@ -213,7 +213,7 @@ def _peers(loss, params, x, y, quick):
     try:
         from . import peers_torch
     except ImportError as err:
-        return f"skipped: {err} (install torch in a separate environment, see README)"
+        return f"skipped: {err} (install torch in a separate environment, see benchmarks/README.md)"
     # with more runnable threads than cores torch's spinning OpenMP workers starve: one thread
     load, cores = os.getloadavg()[0], c.machine()["cpu_cores"]
     threads = 1 if load > cores else cores

@@ -3,9 +3,9 @@ predictors of the generalization gap before and after function-preserving rescal
 
     python benchmarks/generalization.py [--quick] --out DIR
 
-writes ``DIR/generalization.json``, the README's tables (``tables.md`` in DIR) and two figures
-(``DIR/training.png``, ``DIR/correlation.png``); ``--from-json`` redoes the tables and figures
-from an existing ``DIR/generalization.json``. The full study takes about 30 minutes on a
+writes ``DIR/generalization.json``, the tables of docs/study.md (``tables.md`` in DIR) and two
+figures (``DIR/training.png``, ``DIR/correlation.png``); ``--from-json`` redoes the tables and
+figures from an existing ``DIR/generalization.json``. The full study takes about 30 minutes on a
 2-core CPU; ``--quick`` (about 2 minutes: one dataset, two noise levels, two seeds, eight
 models) checks the pipeline.
 
@@ -593,8 +593,9 @@ def figures(result: dict, out: pathlib.Path) -> None:
 
 
 def markdown_tables(result: dict) -> str:
-    """The README's two tables: test accuracy per (dataset, noise) and method (``*``: differs
-    from SGD, paired over seeds, Holm-corrected 5%), and Kendall τ before / after rescaling."""
+    """The two tables of docs/study.md: test accuracy per (dataset, noise) and method (``*``:
+    differs from SGD, paired over seeds, Holm-corrected 5%), and Kendall τ before / after
+    rescaling."""
     rows = result["training"]
     keys = list(dict.fromkeys((r["dataset"], r["noise"]) for r in rows))
     by = {(r["dataset"], r["noise"], r["method"]): r for r in rows}

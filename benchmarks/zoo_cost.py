@@ -1,5 +1,5 @@
-"""Cost on the model zoo (``benchmarks/zoo.py``): the README's cost goals on the networks SAM
-users train, and the execution strategy each one gets.
+"""Cost on the model zoo (``benchmarks/zoo.py``): the cost goals of benchmarks/README.md on the
+networks SAM users train, and the execution strategy each one gets.
 
 Per model at benchmark size, timed in one interleaved run (``--quick``, the smoke test the
 slow suite runs: the CNN at test size, m = 1 and 4 only):

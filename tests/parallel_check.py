@@ -516,13 +516,12 @@ def check_fsdp_shard_map(mesh):
             raise AssertionError(f"{name}: params split by hand inside shard_map were accepted")
 
 
-def readme_blocks():
-    """The python blocks of the README's "Scaling out" section: the step, sharded jit,
+def guide_blocks():
+    """The python blocks of docs/guides/scaling.md: the step, sharded jit,
     shard_map/pmap, several hosts."""
-    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 4, f"README 'Scaling out': expected 4 python blocks, got {len(blocks)}"
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs/guides/scaling.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 4, f"docs/guides/scaling.md: expected 4 python blocks, got {len(blocks)}"
     return blocks
 
 
@@ -543,7 +542,7 @@ def numpy_setup(seed=0):
 
 
 def reference(ns, params, x, y):
-    """The single-device step on the global batch with the README's own step."""
+    """The single-device step on the global batch with the scaling guide's own step."""
     tx = optax.chain(
         phipsimu.sharpness_aware(ns["measure"], rho=0.05, num_samples=4), optax.sgd(0.1)
     )
@@ -551,23 +550,23 @@ def reference(ns, params, x, y):
 
 
 def check_recipes(mesh):
-    step, jit_block, spmd_block, _ = readme_blocks()
+    step, jit_block, spmd_block, _ = guide_blocks()
     params, x, y = numpy_setup()
     ns = {"jax": jax, "jnp": jnp, "phipsimu": phipsimu, "loss": loss}
     ns.update(params=params, x=x, y=y)
     exec(step, ns)
     want = reference(ns, params, x, y)
     exec(jit_block, ns)
-    assert_close("README sharded jit", ns["params_jit"], want)
+    assert_close("guide sharded jit", ns["params_jit"], want)
     exec(spmd_block, ns)
-    assert_close("README shard_map", ns["params_shard_map"], want)
+    assert_close("guide shard_map", ns["params_shard_map"], want)
     for k, r in enumerate(replicas(ns["params_pmap"])):
-        assert_close(f"README pmap device {k}", r, want)
+        assert_close(f"guide pmap device {k}", r, want)
 
 
 def worker(process_id, port, num_processes=2):
     """One process of the multi-host run (one CPU device each, gloo collectives)."""
-    step, _, _, hosts_block = readme_blocks()
+    step, _, _, hosts_block = guide_blocks()
     params, x, y = numpy_setup()
     rows = BATCH // num_processes
     ns = {"jax": jax, "jnp": jnp, "phipsimu": phipsimu, "loss": loss, "params": params}

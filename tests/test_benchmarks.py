@@ -94,3 +94,19 @@ def test_coverage_flags_study_runs():
     rows = [line.split() for line in proc.stdout.splitlines()[2:]]
     assert [r[:2] for r in rows] == [["trace", "32"], ["eigen_moment_4", "32"]]
     assert all(0.0 <= float(r[4]) <= 1.0 for r in rows)  # covered or flagged
+
+
+def test_readme_flag_writes_the_table_into_benchmarks_readme(tmp_path):
+    """``--readme`` replaces what lies between the markers of benchmarks/README.md, and only
+    that (the committed file has the markers, the front page no longer carries the table)."""
+    from benchmarks.__main__ import END, START, update_readme
+
+    committed = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    assert committed.count(START) == 1 and committed.count(END) == 1
+    assert START not in (ROOT / "README.md").read_text(encoding="utf-8")
+    copy = tmp_path / "README.md"
+    copy.write_text(committed, encoding="utf-8")
+    update_readme("| new table |\n", copy)
+    head, rest = committed.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    assert copy.read_text(encoding="utf-8") == f"{head}{START}\n| new table |\n{END}{tail}"

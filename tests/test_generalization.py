@@ -1,5 +1,5 @@
 """The generalization study (benchmarks/generalization.py) runs end to end with --quick and
-writes the JSON the README and notebook 05 read: its shape, matched gradient budgets, and
+writes the JSON docs/study.md and notebook 05 read: its shape, matched gradient budgets, and
 that every random rescaling preserves the model (same loss and test accuracy, det D = 1)
 while it changes the non-invariant measures and leaves the adaptive ones unchanged."""
 

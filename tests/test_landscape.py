@@ -3,7 +3,6 @@ the closed form of a quadratic, chunking, batches, a mapped axis, and bad input.
 
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
@@ -159,21 +158,6 @@ def test_surface_over_batches_is_the_dataset_mean():
         loss, p, directions=dirs, coords=coords, batches=[(x[:4], y[:4]), (x[4:], y[4:])]
     )
     np.testing.assert_allclose(swept, whole, rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_readme_finite_radius_block_runs():
-    """The README's "Finite-radius sharpness" block, after the first block it builds on (the
-    single-device README test runs only the blocks before "Scaling out")."""
-    from test_readme_code import python_blocks
-
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("## Finite-radius sharpness", 1)[1].split("\n## ", 1)[0]
-    ns: dict = {}
-    for block in (python_blocks()[0], *re.findall(r"```python\n(.*?)```", section, flags=re.S)):
-        exec(compile(block, "README.md", "exec"), ns)
-    assert ns["surf"].shape == (21, 21) and np.all(np.isfinite(ns["surf"]))
-    assert int(ns["worst_est"].status) == 0 and float(ns["sigma_est"].value) > 0
 
 
 @pytest.mark.slow

@@ -119,9 +119,9 @@ def test_objective_and_estimators_match_single_device_on_8_devices(eight_devices
 
 
 @pytest.mark.slow
-def test_readme_recipes_match_single_device_on_8_devices(eight_devices):
+def test_scaling_guide_recipes_match_single_device_on_8_devices(eight_devices):
     for name in ("sharded jit", "shard_map", "pmap device 7"):
-        assert f"ok README {name}" in eight_devices
+        assert f"ok guide {name}" in eight_devices
 
 
 @pytest.mark.slow
@@ -163,8 +163,9 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process():
-    """Two processes (one CPU device each, gloo collectives) train with the README's several
-    hosts recipe; each compares the result with its own single-device run on the whole batch."""
+    """Two processes (one CPU device each, gloo collectives) train with the scaling guide's
+    several hosts recipe; each compares the result with its own single-device run on the whole
+    batch."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])

@@ -34,7 +34,7 @@ def test_readme_test_command_uses_installed_tools():
     dev = re.search(r"^dev = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
     if " -n " in readme_commands()[1] + " ":
         assert "pytest-xdist" in dev
-    for tool in ("mypy", "pdoc", "ruff", "nbclient", "chex"):
+    for tool in ("mypy", "sphinx", "myst-nb", "sphinx-book-theme", "ruff", "nbclient", "chex"):
         assert tool in dev, tool
 
 

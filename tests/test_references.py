@@ -19,7 +19,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONVENTIONS = "docs/conventions.md"
 SCANNED = {".py", ".md", ".ipynb", ".toml", ".cff", ".txt", ".cfg", ".yml", ".yaml"}
-SKIPPED_DIRS = {"build", "dist", "site-packages", "node_modules", "__pycache__", "api"}
+SKIPPED_DIRS = {
+    "build",
+    "_build",
+    "jupyter_execute",
+    "dist",
+    "site-packages",
+    "node_modules",
+    "__pycache__",
+}
 
 URL = re.compile(r"\w+://\S+")
 FILE_REF = re.compile(r"(?<![\w./-])((?:[\w-]+/)*[\w.-]*\w\.(?:md|ipynb|cff))(?![\w/])")

@@ -25,7 +25,7 @@ Modes: ``loss(params, x, y)`` is train mode (BatchNorm normalises with the batch
 statistics, dropout with a fixed key) and drops the new running statistics, for cost
 benchmarks and estimators; ``train_loss(params, state, x, y, key)`` is train mode with
 dropout drawn from ``key`` and returns ``(loss, new_state)`` (the ``has_aux=True`` recipe of
-docs/flax.md); ``eval_loss(params, state, x, y)`` is eval mode (running statistics, no
+docs/guides/flax.md); ``eval_loss(params, state, x, y)`` is eval mode (running statistics, no
 dropout). ``apply(params, x)`` gives the logits of ``loss`` and ``output_loss(logits, y)``
 the cross-entropy, for the Gauss–Newton operator. With ``dtype=jnp.bfloat16`` parameters,
 inputs and so activations are bf16 (``compute_dtype=jnp.bfloat16`` also pins every layer's

@@ -12,7 +12,6 @@ per notebook; add ``PHIPSIMU_QUICK=1`` for their short versions).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ extensions = [
     "sphinx.ext.mathjax",
 ]
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute", "flax.md"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute"]
 
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
@@ -99,24 +98,9 @@ def _constant_docs(app, what, name, obj, options, lines):
         lines[:] = _defining_comment(name.rsplit(".", 1)[-1])
 
 
-def _plain_bars(app, what, name, obj, options, lines):
-    """``check_invariance`` writes the absolute value of z as |z| in prose, which
-    reStructuredText reads as a substitution reference; print it as written (outside math,
-    where a backslash would turn it into a norm)."""
-    in_math = False
-    for i, line in enumerate(lines):
-        if line.strip().startswith(".. math::"):
-            in_math = True
-        elif in_math and line.strip() and not line.startswith((" ", "\t")):
-            in_math = False
-        if not in_math:
-            lines[i] = re.sub(r"(?<![\\`])\|z\|(?!`)", r"\\|z\\|", line)
-
-
 def setup(app):
     app.connect("autodoc-skip-member", _skip_member)
     app.connect("autodoc-process-docstring", _constant_docs)
-    app.connect("autodoc-process-docstring", _plain_bars)
 
 
 html_theme = "sphinx_book_theme"

@@ -115,7 +115,7 @@ def check_key(key: Any, name: str = "key") -> None:
     )
 
 
-FLAX_RECIPE = "docs/flax.md"
+FLAX_RECIPE = "docs/guides/flax.md"
 
 
 def _flax_base(obj: Any, base: str) -> bool:

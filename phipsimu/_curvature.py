@@ -162,7 +162,7 @@ class Operator:
 #:   ...     print(est.value)
 #:   6.0
 #:   6.0
-Curvature = Union[Callable[..., jax.Array], Operator]  # noqa: UP007 (an alias pdoc can name)
+Curvature = Union[Callable[..., jax.Array], Operator]  # noqa: UP007 (an alias the API reference can name)
 
 
 def _match_varying(tree: PyTree, like: PyTree) -> PyTree:

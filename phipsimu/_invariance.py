@@ -301,13 +301,13 @@ class InvarianceReport(NamedTuple):
         the same key.
       ratio: ``S(T(x)) / S(x)`` (from the log values where both are finite).
       z: ``(S(T(x)) − S(x)) / sqrt(se² + se'²)`` (log scale for log-space measures). Both
-        estimates share a key and are positively correlated, so |z| understates the
-        evidence: a large |z| shows the measure changed, a small one proves nothing.
+        estimates share a key and are positively correlated, so ``|z|`` understates the
+        evidence: a large ``|z|`` shows the measure changed, a small one proves nothing.
       volume_factor: ``det D`` over the measure's perturbed coordinates when the transform
         is a diagonal rescaling, else None.
       invariant: True only when the loss is preserved and the two estimates agree to
         ``rtol`` (the same probes gave the same value: invariance sample by sample).
-      verdict: one of ``"invariant"``, ``"not invariant"`` (|z| > z_max),
+      verdict: one of ``"invariant"``, ``"not invariant"`` (``|z| > z_max``),
         ``"inconclusive"`` (different, but within z_max standard errors: raise
         num_samples), ``"loss changed"``, ``"divergent"`` (an estimate carries
         ``Status.DIVERGENT``: its integral is provably infinite, so there is no finite
@@ -380,7 +380,7 @@ def check_invariance(
       rtol: the two estimates "agree" when ``|ratio − 1| <= rtol`` (float32 rounding of the
         same probes at x and T(x) is ~1e-6 relative; default 1e-4).
       loss_rtol, loss_atol: tolerance for ``L(T(x)) == L(x)``.
-      z_max: |z| above which the verdict is "not invariant".
+      z_max: ``|z|`` above which the verdict is "not invariant".
       estimator: instead of a measure (then ``measure=None``), any estimator with the
         estimators' calling convention ``(params, *args, key) -> Estimate``, e.g.
         ``phipsimu.average_sharpness(loss_fn, rho=0.05, num_samples=64, adaptive=True)``

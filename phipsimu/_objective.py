@@ -528,7 +528,8 @@ def sharpness_aware_loss(
       adaptive: perturb as ``x + ρ T_x v`` with ``T_x = |x| + eta`` (ASAM's metric): the
         limit becomes S measured on ``T_x H T_x``, invariant to rescaling symmetries when
         ``eta = 0``; with ``eta > 0`` only approximately (on a digits MLP rescaling neurons
-        moved the adaptive trace by +5.6% at eta = 0.01 and +56% at eta = 0.1, README).
+        moved the adaptive trace by +5.6% at eta = 0.01 and +56% at eta = 0.1,
+        docs/guides/invariance.md).
         ``jax.grad`` differentiates through ``T_x`` (the exact gradient of this objective,
         which keeps it exactly invariant; ASAM instead holds its perturbation fixed).
       eta: the metric floor (>= 0).

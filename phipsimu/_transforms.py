@@ -639,9 +639,8 @@ def frobenius_sam(
     term at a minimum is ``λ/4 · ρ² · ‖H‖_F²``.
 
     Args:
-      rho, num_samples, seed, antithetic, axis_name, sync, sample_axis, mask,
-        skip_nonfinite, has_aux: as in :func:`sharpness_aware`.
-      lam: Frob-SAM's λ >= 0, the weight of ``Var_v L(x + ρv)/(2ρ²)``.
+      lam: Frob-SAM's λ >= 0, the weight of ``Var_v L(x + ρv)/(2ρ²)``. The other arguments
+        are as in :func:`sharpness_aware`.
 
     Example:
       >>> import jax, jax.numpy as jnp, phipsimu

@@ -2,7 +2,7 @@
 semantics of stateful layers (BatchNorm statistics, dropout keys, bf16), and flax models
 passed where their arrays belong.
 
-Semantics (docs/flax.md, "What the perturbed passes see"): the perturbed passes never change
+Semantics (docs/guides/flax.md, "What the perturbed passes see"): the perturbed passes never change
 the BatchNorm running statistics, which are those of the clean pass at x (``has_aux=True``
 returns them from there; the transforms' recipe takes them from the caller's own clean
 pass); every pass of one step uses the dropout key the loss is given, the clean one and the
@@ -85,7 +85,9 @@ def test_nnx_module_or_its_whole_state_as_params_is_a_clear_error():
     model, _, state, x, train_loss = _tiny()
     loss = lambda p, x: train_loss(p, state, x)[0]  # noqa: E731
     for call in _entry_points(loss).values():
-        with pytest.raises(TypeError, match=r"params: is the flax module _Tiny.*docs/flax\.md"):
+        with pytest.raises(
+            TypeError, match=r"params: is the flax module _Tiny.*docs/guides/flax\.md"
+        ):
             call(model, x)
         # the whole state: the BatchNorm statistics would be perturbed and trained
         with pytest.raises(TypeError, match=r"\['bn'\]\['mean'\] is an nnx BatchStat.*flax\.md"):
@@ -101,10 +103,10 @@ def test_loss_returning_batchnorm_statistics_without_has_aux_is_a_clear_error():
     for name in ("sharpness_aware_loss", "sharpness_aware", "sam"):
         with pytest.raises(ValueError, match=r"returns a tuple \(float32\[\], State of 2 arr"):
             calls[name](params, x)
-        with pytest.raises(ValueError, match=r"pass has_aux=True \(docs/flax\.md\)"):
+        with pytest.raises(ValueError, match=r"pass has_aux=True \(docs/guides/flax\.md\)"):
             calls[name](params, x)
     for name in ("sharpness", "hvp"):  # no aux there: the loss alone
-        with pytest.raises(ValueError, match=r"return the loss alone.*\(docs/flax\.md\)"):
+        with pytest.raises(ValueError, match=r"return the loss alone.*\(docs/guides/flax\.md\)"):
             calls[name](params, x)
     # the recipe (params = the nnx.Param state) passes the checks
     obj = phipsimu.sharpness_aware_loss(

@@ -29,7 +29,7 @@ FACTORIES = {
         lambda **kw: phipsimu.sharpness_aware(phipsimu.measures.trace(), **kw),
         {"rho": 0.05, "num_samples": 4},
     ),
-    "frobenius_sam": (phipsimu.frobenius_sam, {"rho": 0.05, "num_samples": 4, "strength": 0.1}),
+    "frobenius_sam": (phipsimu.frobenius_sam, {"rho": 0.05, "num_samples": 4, "lam": 0.1}),
     "random_sam": (phipsimu.random_sam, {"rho": 0.05, "num_samples": 4}),
 }
 

@@ -60,10 +60,7 @@ def varying_axes(x: Any) -> frozenset:
     # a ShapeDtypeStruct carries its type; jax.typeof of one from eval_shape inside a
     # shard_map over some of the mesh axes (axis_names=...) fails an assertion in JAX 0.10
     aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
+    return _compat.varying_of(aval)
 
 
 def vary_along(x: Any, axes: frozenset) -> Any:

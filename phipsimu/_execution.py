@@ -26,11 +26,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-from phipsimu import _parallel, _tree
+from phipsimu import _compat, _parallel, _tree
 
 PyTree = Any
 
@@ -124,7 +123,7 @@ def unroll_for(num: int, program: Callable[[], Any] | None = None) -> bool:
 def size(jaxpr: Any) -> int:
     """Equations in ``jaxpr`` and in every program nested in it."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    return len(jaxpr.eqns) + sum(size(sub) for sub in jax.extend.core.subjaxprs(jaxpr))
+    return len(jaxpr.eqns) + sum(size(sub) for sub in _compat.subjaxprs(jaxpr))
 
 
 def primitives(jaxpr: Any) -> set[str]:
@@ -132,7 +131,7 @@ def primitives(jaxpr: Any) -> set[str]:
     program nested in its equations (``jit``, ``scan``, ``cond``, custom rules)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     names = {eqn.primitive.name for eqn in jaxpr.eqns}
-    for sub in jax.extend.core.subjaxprs(jaxpr):
+    for sub in _compat.subjaxprs(jaxpr):
         names |= primitives(sub)
     return names
 

@@ -339,7 +339,7 @@ def _one_pass(
                     f"{sorted(axes)}, and one of the arguments it is differentiated in is "
                     "not: its gradient would sum the devices before their weights apply. "
                     "Differentiate in the params, or type that argument as varying "
-                    "(jax.lax.pcast(..., to='varying'))"
+                    "(jax.lax.pcast(..., to='varying'); jax.lax.pvary before JAX 0.8.2)"
                 )
         # per-device copies of the params (see above): no sum over devices per sample
         diff = [_parallel.vary_along(x, axes) if j < n else x for x, j in zip(diff, diff_at)]

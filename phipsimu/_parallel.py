@@ -26,6 +26,8 @@ from typing import Any
 
 import jax
 
+from phipsimu import _compat
+
 PyTree = Any
 
 
@@ -58,16 +60,13 @@ def varying_axes(x: Any) -> frozenset:
     # a ShapeDtypeStruct carries its type; jax.typeof of one from eval_shape inside a
     # shard_map over some of the mesh axes (axis_names=...) fails an assertion in JAX 0.10
     aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
+    return _compat.varying_of(aval)
 
 
 def vary_along(x: Any, axes: frozenset) -> Any:
     """``x`` typed as varying along ``axes`` as well (values unchanged, no communication)."""
     missing = tuple(axes - varying_axes(x))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return _compat.pcast_varying(x, missing) if missing else x
 
 
 def sum_to(x: Any, axes: frozenset) -> Any:
@@ -184,7 +183,7 @@ def to_varying(tree: PyTree, axis_name: str) -> PyTree:
     if not tracks_varying(axis_name):
         return tree
     return jax.tree_util.tree_map(
-        lambda v: v if is_varying(v, axis_name) else jax.lax.pcast(v, axis_name, to="varying"),
+        lambda v: v if is_varying(v, axis_name) else _compat.pcast_varying(v, axis_name),
         tree,
     )
 
@@ -228,5 +227,4 @@ def gather_samples(x: jax.Array, axis_name: str) -> jax.Array:
     everything computed from it, down to the estimate and the update, can leave
     ``shard_map`` with ``out_specs=P()``. Elsewhere the plain ``all_gather``, whose
     transpose ``pmap`` and ``check_vma=False`` need."""
-    to = "invarying" if tracks_varying(axis_name) else "varying"
-    return jax.lax.all_gather(x, axis_name, tiled=True, to=to)
+    return _compat.all_gather_tiled(x, axis_name, invariant=tracks_varying(axis_name))

@@ -19,6 +19,18 @@ import pytest
 import phipsimu
 
 
+def unregister_duration_listener(listener) -> None:
+    """``jax.monitoring.unregister_event_duration_listener`` (public from JAX 0.8.1; JAX
+    0.8.0, the floor, has only the private one)."""
+    public = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+    if public is not None:
+        public(listener)
+    else:  # JAX 0.8.0
+        from jax._src import monitoring
+
+        monitoring._unregister_event_duration_listener_by_callback(listener)
+
+
 def random_spd(seed: int, d: int, low: float = 0.5, high: float = 3.0) -> np.ndarray:
     """A random symmetric positive-definite matrix with eigenvalues in [low, high]."""
     rng = np.random.default_rng(seed)

@@ -11,7 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import example1, init_mlp, mlp_loss, quadratic_loss, random_spd, split_batches
+from conftest import (
+    example1,
+    init_mlp,
+    mlp_loss,
+    quadratic_loss,
+    random_spd,
+    split_batches,
+    unregister_duration_listener,
+)
 from test_measure import sphere_moment_reference
 
 import phipsimu
@@ -442,7 +450,7 @@ def test_estimator_built_inline_does_not_recompile():
             assert not traces, f"{name}: {len(traces)} retrace(s) when built again"
             np.testing.assert_array_equal(second.value, first.value)
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        unregister_duration_listener(listener)
     # an unhashable argument (a dict mask) still builds, without the cache
     mask = {"w": True}
     est = phipsimu.hessian_trace(loss, num_samples=2, mask=mask)(params, x, key=jax.random.key(0))

@@ -76,9 +76,11 @@ def test_layers_point_one_way():
     assert deps["_checks"] == set()
     assert deps["_tree"] == set()
     assert deps["_diagnostics"] == set()
-    assert deps["_parallel"] == set()
+    # the version guards (JAX releases) sit below everything that calls JAX's newer APIs
+    assert deps["_compat"] == set()
+    assert deps["_parallel"] <= {"_compat"}
     # the execution layer decides how m evaluations run; it sits on the base layers only
-    assert deps["_execution"] <= {"_tree", "_parallel"}
+    assert deps["_execution"] <= {"_compat", "_tree", "_parallel"}
     assert deps["_curvature"] <= {"_checks", "_tree", "_parallel", "_execution"}
     assert deps["_krylov"] <= {"_checks", "_tree", "_curvature"}
     assert deps["_measure"] <= {"_checks", "_tree", "_mu", "_diagnostics"}

@@ -128,3 +128,30 @@ def test_build_and_metadata(dist, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(site / "phipsimu" / "__init__.py"), phipsimu.__version__]
+
+
+def normalized(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_floors_file_pins_every_declared_floor():
+    """``.ci/floors.txt``, what CI's second environment installs (``pip install -c``), pins
+    every dependency of pyproject.toml (runtime and every extra) at the floor declared there,
+    so each declared floor is a tested one and the two files cannot drift apart."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    reqs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        reqs += extra
+    declared = {}
+    for req in reqs:
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?\s*(?:>=|==)\s*([0-9][^,;\s]*)", req)
+        assert m, f"{req!r}: every dependency declares its floor as >=X (or pins ==X)"
+        name, floor = normalized(m[1]), m[2]
+        assert declared.setdefault(name, floor) == floor, f"{name}: two floors in pyproject"
+    pins = {}
+    for line in (ROOT / ".ci" / "floors.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[normalized(name.strip())] = version.strip()
+    assert pins == declared

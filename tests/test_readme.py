@@ -19,13 +19,19 @@ def test_readme_opens_with_install_demo_and_test_commands():
 
 
 def test_ci_runs_the_readme_test_command():
+    """After the README's commands, CI repeats the fast suite in a second environment at the
+    floors (pyproject's lowest versions, pinned in .ci/floors.txt)."""
     lines = [
         line.strip()
         for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    assert lines[-2] == readme_commands()[1]
-    assert lines[-1] == "pytest -n 2 -m slow"
+    # the main environment's fast and slow suites, then the floor environment's (.ci/floors.txt)
+    at = lines.index(readme_commands()[1])
+    assert lines[at + 1] == "pytest -n 2 -m slow"
+    floor = lines[at + 2 :]
+    assert 'pip install -e ".[dev,examples,bench]" -c .ci/floors.txt' in floor
+    assert "pytest -n 2" in floor
 
 
 def test_readme_test_command_uses_installed_tools():

@@ -18,6 +18,7 @@ from conftest import (
     quadratic_loss,
     random_spd,
     split_batches,
+    unregister_duration_listener,
 )
 
 import phipsimu
@@ -240,7 +241,7 @@ def test_dataset_path_does_not_retrace_on_a_second_call():
             assert not traces, f"{name}: {len(traces)} retrace(s) on the second call"
             np.testing.assert_array_equal(second.value, first.value)
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        unregister_duration_listener(listener)
 
 
 def test_per_block_analysis_matches_dense_diagonal_blocks(small_mlp):

@@ -40,22 +40,20 @@ myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 
 # The notebooks live in ../notebooks (where they are run and tested); Sphinx reads sources
-# under docs/ only, so docs/notebooks (ignored by git) links there. A link, not a copy: an
-# executed notebook then runs in notebooks/, where its relative paths (notebook 05 reads
-# ../benchmarks/results) resolve. Where links cannot be made, the notebooks are copied.
+# under docs/ only, so they are copied to docs/notebooks (ignored by git). A copy, not a link:
+# a link inside the tree makes hatch drop notebooks/ from the sdist (it walks the link and
+# keeps one path per file). An executed notebook finds the repository by walking up from its
+# directory (notebook 05's results), so it runs from the copy as from notebooks/.
 NOTEBOOKS = DOCS / "notebooks"
-if not NOTEBOOKS.exists():
-    try:
-        NOTEBOOKS.symlink_to(Path("..") / "notebooks", target_is_directory=True)
-    except OSError:
-        NOTEBOOKS.mkdir(exist_ok=True)
-if not NOTEBOOKS.is_symlink():
-    for source in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        target = NOTEBOOKS / source.name
-        if not target.exists() or target.read_bytes() != source.read_bytes():
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+if NOTEBOOKS.is_symlink():  # a link left by an older build
+    NOTEBOOKS.unlink()
+NOTEBOOKS.mkdir(exist_ok=True)
+for source in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    target = NOTEBOOKS / source.name
+    if not target.exists() or target.read_bytes() != source.read_bytes():
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
 
 nb_execution_mode = "force" if os.environ.get("PHIPSIMU_DOCS_EXECUTE") == "1" else "off"
 nb_execution_timeout = 1800

@@ -83,6 +83,21 @@ def mlp(sizes=MLP_SIZES, seed: int = 0):
     return examples.cross_entropy, examples.init_mlp(jax.random.key(seed), list(sizes))
 
 
+def init_mlp(key: jax.Array, sizes) -> list[dict[str, jax.Array]]:
+    """A tanh MLP's params with Glorot-like weights and small non-zero biases (the test suite's
+    model, ``tests/conftest.py``; ``phipsimu.examples.init_mlp`` has zero biases)."""
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        key, k1, k2 = jax.random.split(key, 3)
+        params.append(
+            {
+                "w": jax.random.normal(k1, (fan_in, fan_out)) / np.sqrt(fan_in),
+                "b": 0.1 * jax.random.normal(k2, (fan_out,)),
+            }
+        )
+    return params
+
+
 def mlp_width_for(d: float, inputs: int = 64, outputs: int = 10) -> int:
     """Width h of a 2-hidden-layer MLP ``inputs-h-h-outputs`` with about ``d`` parameters."""
     # d = h² + (inputs + outputs + 2) h + outputs

@@ -30,6 +30,8 @@ import numpy as np
 
 import phipsimu
 
+from . import _common as c
+
 PRESETS = {
     "trace": phipsimu.measures.trace,
     "eigen_moment_2": lambda: phipsimu.measures.eigen_moment(2),
@@ -41,15 +43,7 @@ PRESETS = {
 def model(seed: int = 0, sizes=(4, 10, 6, 3), num: int = 64):
     """The tanh MLP, its data and its mean squared error."""
     key, kx, ky = jax.random.split(jax.random.key(seed), 3)
-    params = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        key, k1, k2 = jax.random.split(key, 3)
-        params.append(
-            {
-                "w": jax.random.normal(k1, (fan_in, fan_out)) / np.sqrt(fan_in),
-                "b": 0.1 * jax.random.normal(k2, (fan_out,)),
-            }
-        )
+    params = c.init_mlp(key, sizes)
     x = jax.random.normal(kx, (num, sizes[0]))
     y = jax.random.normal(ky, (num, sizes[-1]))
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import phipsimu
+from benchmarks._common import init_mlp  # the suite's MLP (tests import it from here)
 
 
 def unregister_duration_listener(listener) -> None:
@@ -49,19 +50,6 @@ def quadratic_loss(a: np.ndarray):
 
     params = {"u": jnp.ones(k, a.dtype), "w": jnp.ones(a.shape[0] - k, a.dtype)}
     return loss, params
-
-
-def init_mlp(key, sizes):
-    params = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        key, k1, k2 = jax.random.split(key, 3)
-        params.append(
-            {
-                "w": jax.random.normal(k1, (fan_in, fan_out)) / np.sqrt(fan_in),
-                "b": 0.1 * jax.random.normal(k2, (fan_out,)),
-            }
-        )
-    return params
 
 
 def mlp_apply(params, x):

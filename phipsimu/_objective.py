@@ -592,7 +592,8 @@ def sharpness_aware_loss(
     def objective(params: PyTree, *args: Any, key: jax.Array) -> Any:
         _checks.check_key(key)
         _checks.check_params(params)
-        _parallel.check_whole(params, (axis_name, sample_axis))
+        perturbed = _tree.perturbed_leaves(params, measure.mu.mask)
+        _parallel.check_whole(params, perturbed, (axis_name, sample_axis))
         if has_aux:
             out = jax.eval_shape(loss_fn, params, *args)
             if not (isinstance(out, tuple) and len(out) == 2):

@@ -82,18 +82,16 @@ def union_axes(tree: PyTree) -> frozenset:
     return frozenset().union(*map(varying_axes, jax.tree_util.tree_leaves(tree)))
 
 
-def check_whole(params: PyTree, allowed: tuple, name: str = "params") -> None:
-    """Raise a clear error when a floating leaf of ``params`` is typed as varying along a
-    ``shard_map`` axis other than ``allowed`` (the data and sample axes): the leaf was split
-    by hand, so each device would perturb, normalise and draw for its shard alone and the
-    result would silently differ from one device's. Detectable only under ``shard_map``'s
-    default checks (``check_vma=True``)."""
+def check_whole(params: PyTree, perturbed: tuple, allowed: tuple, name: str = "params") -> None:
+    """Raise a clear error when a perturbed leaf of ``params`` (``perturbed``: one bool per
+    leaf) is typed as varying along a ``shard_map`` axis other than ``allowed`` (the data and
+    sample axes): the leaf was split by hand, so each device would perturb, normalise and draw
+    for its shard alone and the result would silently differ from one device's. Leaves that
+    are not perturbed only pass through, so they may be split. Detectable only under
+    ``shard_map``'s default checks (``check_vma=True``)."""
     keep = {a for a in allowed if a is not None}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
-            continue
-        extra = sorted(varying_axes(leaf) - keep)
+    for (path, leaf), on in zip(jax.tree_util.tree_leaves_with_path(params), perturbed):
+        extra = sorted(varying_axes(leaf) - keep) if on else []
         if extra:
             where = jax.tree_util.keystr(path) or "(root)"
             raise ValueError(

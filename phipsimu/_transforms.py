@@ -416,8 +416,8 @@ def sharpness_aware(
         del extra_args
         _check_state(state, SharpnessAwareState, "sharpness_aware")
         _check_params(params)
-        _parallel.check_whole(params, (axis_name, sample_axis))
         perturbed = _perturbed(params, mask)
+        _parallel.check_whole(params, perturbed, (axis_name, sample_axis))
         _check_updates(updates, params, perturbed)
         loss_fn = _loss_fn(value_fn, params, has_aux)
         step_term = term if term is not None else build(state.perturbed_losses.shape[0])
@@ -565,8 +565,8 @@ def sam(
         del extra_args
         _check_state(state, SamState, "sam")
         _check_params(params)
-        _parallel.check_whole(params, (axis_name,))
         perturbed = _perturbed(params, mask)
+        _parallel.check_whole(params, perturbed, (axis_name,))
         _check_updates(updates, params, perturbed)
         loss_fn = _loss_fn(value_fn, params, has_aux)
         x, merge = _tree.split(params, perturbed)

@@ -514,6 +514,20 @@ def check_fsdp_shard_map(mesh):
             print(f"ok {name} params split by hand inside shard_map: clear error")
         else:
             raise AssertionError(f"{name}: params split by hand inside shard_map were accepted")
+    # Leaves split by hand but masked out are not perturbed (their updates pass through), so
+    # a transform perturbing only the unsplit leaf accepts them (traced only: the updates'
+    # types along the model axis are the user's gather's business, not checked here).
+    only_b = [{"w": False, "b": False}, {"w": False, "b": True}]
+    tx = phipsimu.sam(rho=0.05, axis_name=AXIS, mask=only_b)
+
+    def masked(p, x, y):
+        value_fn = lambda q: loss(gather(q), x, y)  # noqa: E731
+        tx.update(jax.grad(value_fn)(p), tx.init(p), p, value_fn=value_fn)
+        return ()
+
+    fn = jax.shard_map(masked, mesh=mesh2, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=())
+    jax.jit(fn).trace(sharded, xs, ys)
+    print("ok masked-out leaves split by hand are accepted")
 
 
 def guide_blocks():
